@@ -1,0 +1,1 @@
+"""The vLLM plugin: steerable decoder layers, per-token steering buffers, request validation."""

@@ -1,0 +1,125 @@
+"""What an engine is asked to steer with (`additional_config["steering"]`) and what one request
+asks for (`SamplingParams.extra_args`): parsing and validation, one place for both.
+
+Engine:  additional_config={"steering": {"vectors": {"happy": "happy.safetensors"}}}
+         (a vector may also be {"path": ..., "sha256": ...}; the front end fills in `sha256` and
+         `layers`, so vLLM's config hash, which covers additional_config, changes with them.)
+Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}
+         Flat scalar keys, so the same request works through `vllm serve` as `vllm_xargs`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_KEY = "steering"
+VECTOR_KEY = "steering_vector"
+ALPHA_KEY = "steering_alpha"
+REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY)
+_CONFIG_FIELDS = ("vectors",)
+_VECTOR_FIELDS = ("path", "sha256", "layers")
+
+
+@dataclass(frozen=True)
+class VectorSpec:
+    path: str
+    sha256: str | None = None
+    layers: tuple[int, ...] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "layers": list(self.layers or ())}
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """The engine's vectors, by the names requests use. Unknown keys are errors."""
+
+    vectors: dict[str, VectorSpec]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.vectors)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> SteeringConfig | None:
+        """None when the engine was not asked to steer (the plugin then stays inert)."""
+        if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:
+            return None
+        raw = additional_config[CONFIG_KEY]
+        if not isinstance(raw, dict):
+            raise ValueError(f'additional_config["steering"] must be a dict like {{"vectors": {{"name": "file.safetensors"}}}}; got {type(raw).__name__}')
+        unknown = sorted(set(raw) - set(_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f'additional_config["steering"] has unknown keys {unknown}; allowed: {list(_CONFIG_FIELDS)}')
+        vectors = raw.get("vectors")
+        if not isinstance(vectors, dict) or not vectors:
+            raise ValueError('additional_config["steering"]["vectors"] must be a non-empty dict of name -> vector file path')
+        return cls({_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vectors": {name: spec.as_dict() for name, spec in self.vectors.items()}}
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f'additional_config["steering"]["vectors"]: names must be non-empty strings; got {name!r}')
+    return name
+
+
+def _vector_spec(name: str, spec: Any) -> VectorSpec:
+    where = f'additional_config["steering"]["vectors"][{name!r}]'
+    if isinstance(spec, (str, Path)):
+        return VectorSpec(str(spec))
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+        raise ValueError(f"{where} must be a file path or a dict with a 'path'; got {spec!r}")
+    unknown = sorted(set(spec) - set(_VECTOR_FIELDS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; allowed: {list(_VECTOR_FIELDS)}")
+    layers = spec.get("layers")
+    return VectorSpec(spec["path"], spec.get("sha256"), tuple(layers) if layers else None)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SteeringRequestError(ValueError):
+    """A request's steering_* arguments are invalid; `field` names the offending key."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | None) -> tuple[str, float] | None:
+    """(vector name, alpha) for a steered request; None when it is stock vLLM (no steering_*
+    keys, or alpha 0). Raises SteeringRequestError naming the field and what is allowed."""
+    args = {k: v for k, v in (extra_args or {}).items() if k.startswith("steering_")}
+    if not args:
+        return None
+    unknown = sorted(set(args) - set(REQUEST_KEYS))
+    if unknown:
+        raise SteeringRequestError(f"unknown steering argument {unknown[0]!r}; allowed: {list(REQUEST_KEYS)}", unknown[0])
+    if config is None:
+        raise SteeringRequestError(
+            f"{list(args)[0]} given, but this engine was started without steering; start it with "
+            'additional_config={"steering": {"vectors": {"name": "file.safetensors"}}}',
+            list(args)[0],
+        )
+    for key in REQUEST_KEYS:
+        if key not in args:
+            raise SteeringRequestError(f"{key} is missing; a steered request sets both {VECTOR_KEY} and {ALPHA_KEY}", key)
+    name, alpha = args[VECTOR_KEY], args[ALPHA_KEY]
+    if not isinstance(name, str) or name not in config.vectors:
+        raise SteeringRequestError(f"{VECTOR_KEY}={name!r} is not a vector of this engine; allowed: {config.names}", VECTOR_KEY)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise SteeringRequestError(f"{ALPHA_KEY}={alpha!r} must be a finite number (int or float)", ALPHA_KEY)
+    return (name, float(alpha)) if alpha != 0 else None

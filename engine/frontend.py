@@ -1,0 +1,106 @@
+"""The front-end process: check the engine's vectors before anything starts, and check every
+request before it reaches the engine core (an exception in the core or the model runner would
+kill the engine for everyone)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vllm.engine.arg_utils import EngineArgs
+from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
+from vllm.v1.engine.input_processor import InputProcessor
+
+from steer_batch.engine.config import CONFIG_KEY, SteeringConfig, SteeringRequestError, VectorSpec, file_sha256, parse_request
+from steer_batch.engine.vector import SteeringVector
+
+logger = init_logger(__name__)
+
+# Architectures whose *ForCausalLM the plugin replaces with a steerable subclass (engine/model.py).
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "SteerableLlamaForCausalLM",
+    "MistralForCausalLM": "SteerableMistralForCausalLM",
+    "Qwen2ForCausalLM": "SteerableQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "SteerableQwen3ForCausalLM",
+    "Gemma2ForCausalLM": "SteerableGemma2ForCausalLM",
+    "Gemma3ForCausalLM": "SteerableGemma3ForCausalLM",
+}
+
+
+def prepare_engine_config(vllm_config) -> None:
+    """Validate the steering setup against the model and pin it into additional_config: absolute
+    paths, file sha256 and steered layers, so vLLM's config hash (and so its compile cache)
+    tells apart engines that steer different layers or with different files."""
+    config = SteeringConfig.from_additional_config(vllm_config.additional_config)
+    if config is None:
+        return
+    model_config = vllm_config.model_config
+    unsupported = [a for a in model_config.architectures if a not in SUPPORTED_ARCHITECTURES]
+    if unsupported:
+        raise ValueError(f"steer-batch cannot steer architecture {unsupported[0]}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    hf = model_config.hf_text_config
+    pinned = {}
+    for name, spec in config.vectors.items():
+        path = Path(spec.path).expanduser().resolve()
+        vector = SteeringVector.load(path)
+        vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=f"{path} (vector {name!r})")
+        sha = file_sha256(path)
+        if spec.sha256 is not None and spec.sha256 != sha:
+            raise ValueError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")
+        pinned[name] = VectorSpec(str(path), sha, tuple(vector.layers))
+    vllm_config.additional_config[CONFIG_KEY] = SteeringConfig(pinned).to_dict()
+    _require_v1_runner(vllm_config)
+
+
+def _require_v1_runner(vllm_config) -> None:
+    if not vllm_config.use_v2_model_runner:
+        return
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER"):
+        raise ValueError(
+            "steering needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is set; "
+            "unset it or set VLLM_USE_V2_MODEL_RUNNER=0"
+        )
+    # Child processes (engine core, workers) inherit the environment and so agree on V1.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    logger.warning("steer-batch: switching to the V1 model runner (steering fills its buffers there)")
+    assert not vllm_config.use_v2_model_runner
+
+
+def request_salt(extra_args, config: SteeringConfig | None) -> str | None:
+    """The prefix-cache salt of a request: None for unsteered ones (alpha 0 included), so those
+    share KV blocks with stock traffic; distinct for every (vector file, alpha)."""
+    try:
+        steer = parse_request(extra_args, config)
+    except SteeringRequestError as e:
+        raise VLLMValidationError(str(e), parameter=e.field, value=(extra_args or {}).get(e.field)) from None
+    if steer is None:
+        return None
+    name, alpha = steer
+    return f"steer-batch:{name}:{config.vectors[name].sha256}:{alpha!r}"
+
+
+def install_frontend_hooks() -> None:
+    """Wrap EngineArgs.create_engine_config and InputProcessor.process_inputs, once per process."""
+    if getattr(EngineArgs.create_engine_config, "_steer_batch", False):
+        return
+    create_engine_config = EngineArgs.create_engine_config
+    process_inputs = InputProcessor.process_inputs
+
+    def _create_engine_config(self, *args, **kwargs):
+        vllm_config = create_engine_config(self, *args, **kwargs)
+        prepare_engine_config(vllm_config)
+        return vllm_config
+
+    def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        if not hasattr(self, "_steer_batch_config"):
+            self._steer_batch_config = SteeringConfig.from_additional_config(self.vllm_config.additional_config)
+        salt = request_salt(getattr(params, "extra_args", None), self._steer_batch_config)
+        request = process_inputs(self, request_id, prompt, params, *args, **kwargs)
+        if salt is not None:
+            request.cache_salt = salt if request.cache_salt is None else f"{salt}|{request.cache_salt}"
+        return request
+
+    _create_engine_config._steer_batch = True
+    EngineArgs.create_engine_config = _create_engine_config
+    InputProcessor.process_inputs = _process_inputs

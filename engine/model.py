@@ -1,0 +1,130 @@
+"""Steerable vLLM models: the stock model classes, plus steering installed on chosen layers.
+
+vLLM's decoder layers return (hidden_states, residual) and defer the residual add into the next
+layer's fused add+RMSNorm, so the layer's output is hidden_states + residual. A steered layer
+adds coeff[t] * bank[vid[t]] to hidden_states, which makes that sum the stock output plus
+alpha * v: the HF layer output plus alpha * v. coeff/vid are per-token buffers allocated once,
+at fixed addresses, and filled by the model runner before each forward (see runner.py), so
+torch.compile and CUDA graphs stay on and the cost does not depend on how many distinct alphas
+a batch holds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from vllm.logger import init_logger
+from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
+from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
+
+from steer_batch.engine.config import SteeringConfig, file_sha256
+from steer_batch.engine.vector import SteeringVector
+from steer_batch.kernels import steer_add
+
+logger = init_logger(__name__)
+
+
+class SteeringState(nn.Module):
+    """Per-token steering inputs shared by every steered layer: coeff [max_tokens] float32 and
+    vid [max_tokens] int32, zero where a token is not steered (and for CUDA-graph padding)."""
+
+    def __init__(self, names: list[str], max_tokens: int):
+        super().__init__()
+        self.index = {name: i for i, name in enumerate(names)}
+        self.register_buffer("coeff", torch.zeros(max_tokens, dtype=torch.float32), persistent=False)
+        self.register_buffer("vid", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
+
+
+class _SteeredLayer:
+    """Mixed into a decoder layer's class; the layer's own forward runs unchanged first."""
+
+    steer_coeff: torch.Tensor
+    steer_vid: torch.Tensor
+    steer_bank: torch.Tensor  # [num_vectors, hidden], this layer's row of each vector (0 if absent)
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
+        return steer_add(hidden_states, self.steer_coeff, self.steer_vid, self.steer_bank), residual
+
+
+@functools.cache
+def _steered_class(layer_cls: type[nn.Module]) -> type[nn.Module]:
+    return type(f"Steered{layer_cls.__name__}", (_SteeredLayer, layer_cls), {})
+
+
+def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> SteeringState:
+    """Turn the decoder layers that any vector touches into steered layers; return the state."""
+    if vllm_config.use_v2_model_runner:
+        raise RuntimeError(
+            "steer-batch fills its per-token buffers from the V1 model runner; this engine runs "
+            "Model Runner V2. Start it with VLLM_USE_V2_MODEL_RUNNER=0."
+        )
+    hf = vllm_config.model_config.hf_text_config
+    decoder = model.model
+    vectors = {}
+    for name, spec in config.vectors.items():
+        if spec.sha256 is not None and file_sha256(spec.path) != spec.sha256:
+            raise ValueError(f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs)")
+        vectors[name] = SteeringVector.load(spec.path)
+        vectors[name].check_fits(hf.hidden_size, hf.num_hidden_layers, source=f"{spec.path} (vector {name!r})")
+
+    sched = vllm_config.scheduler_config
+    max_tokens = max(sched.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+    param = next(decoder.parameters())
+    with torch.device(param.device):
+        state = SteeringState(list(vectors), max_tokens)
+    steered = sorted({i for v in vectors.values() for i in v.layers if decoder.start_layer <= i < decoder.end_layer})
+    for i in steered:
+        layer = decoder.layers[i]
+        bank = torch.zeros(len(vectors), hf.hidden_size, dtype=torch.float32)  # [num_vectors, hidden]
+        for row, v in enumerate(vectors.values()):
+            if i in v.directions:
+                bank[row] = v.directions[i]
+        layer.__class__ = _steered_class(type(layer))
+        layer.register_buffer("steer_bank", bank.to(param.device), persistent=False)
+        layer.register_buffer("steer_coeff", state.coeff, persistent=False)
+        layer.register_buffer("steer_vid", state.vid, persistent=False)
+    logger.info("steer-batch: steering layers %s with vectors %s", steered, list(vectors))
+    return state
+
+
+class Steerable:
+    """Mixed in front of a vLLM *ForCausalLM: builds the stock model, then installs steering
+    when additional_config asks for it. Without the `steering` key the model is stock."""
+
+    steering: SteeringState | None
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = SteeringConfig.from_additional_config(vllm_config.additional_config)
+        self.steering = install_steering(self, config, vllm_config) if config is not None else None
+
+
+class SteerableLlamaForCausalLM(Steerable, LlamaForCausalLM):
+    pass
+
+
+class SteerableMistralForCausalLM(Steerable, MistralForCausalLM):
+    pass
+
+
+class SteerableQwen2ForCausalLM(Steerable, Qwen2ForCausalLM):
+    pass
+
+
+class SteerableQwen3ForCausalLM(Steerable, Qwen3ForCausalLM):
+    pass
+
+
+class SteerableGemma2ForCausalLM(Steerable, Gemma2ForCausalLM):
+    pass
+
+
+class SteerableGemma3ForCausalLM(Steerable, Gemma3ForCausalLM):
+    pass

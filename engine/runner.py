@@ -1,0 +1,87 @@
+"""Fill the per-token steering buffers from the scheduled requests, once per step, before the
+forward: a hook after V1's `GPUModelRunner._prepare_inputs` (inherited by the CPU runner)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from vllm.v1.utils import CpuGpuBuffer
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from steer_batch.engine.config import SteeringConfig, parse_request
+from steer_batch.engine.model import SteeringState
+
+
+class StepFiller:
+    """Writes coeff/vid for one step: per request (vector row, alpha), repeated over its tokens."""
+
+    def __init__(self, runner: GPUModelRunner, state: SteeringState):
+        self.state = state
+        self.config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
+        n = state.coeff.shape[0]
+        device = state.coeff.device
+        # Host staging with vLLM's own buffer type, so the copy follows the same ordering rules as
+        # the runner's input ids and positions. On CPU the staging is the model's buffer itself.
+        self.coeff = CpuGpuBuffer(n, dtype=torch.float32, device=device)
+        self.vid = CpuGpuBuffer(n, dtype=torch.int32, device=device)
+        if device.type == "cpu":
+            self.coeff.cpu, self.coeff.np, self.vid.cpu, self.vid.np = state.coeff, state.coeff.numpy(), state.vid, state.vid.numpy()
+        self.coeff.gpu, self.vid.gpu = state.coeff, state.vid
+        self.requests: dict[str, tuple[int, float]] = {}  # req_id -> (vector row, alpha); alpha 0 = unsteered
+        self.filled = 0  # tokens written last step; zeroed again before the next
+
+    def row(self, req_id: str, runner: GPUModelRunner) -> tuple[int, float]:
+        cached = self.requests.get(req_id)
+        if cached is None:
+            parsed = parse_request(runner.requests[req_id].sampling_params.extra_args, self.config)
+            cached = (self.state.index[parsed[0]], parsed[1]) if parsed else (0, 0.0)
+        return cached
+
+    def fill(self, runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
+        req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
+        # Rebuilt every step from the live batch, so finished requests drop out by themselves.
+        self.requests = {rid: self.row(rid, runner) for rid in req_ids}
+        rows = np.fromiter((r for r, _ in self.requests.values()), dtype=np.int32, count=len(req_ids))
+        alphas = np.fromiter((a for _, a in self.requests.values()), dtype=np.float32, count=len(req_ids))
+        n = int(num_scheduled_tokens.sum())
+        self.coeff.np[n : self.filled] = 0.0
+        self.vid.np[n : self.filled] = 0
+        self.coeff.np[:n] = np.repeat(alphas, num_scheduled_tokens)
+        self.vid.np[:n] = np.repeat(rows, num_scheduled_tokens)
+        if self.coeff.cpu is not self.coeff.gpu:
+            m = max(n, self.filled)
+            self.coeff.copy_to_gpu(m)
+            self.vid.copy_to_gpu(m)
+        self.filled = n
+
+
+def _filler(runner: GPUModelRunner) -> StepFiller | None:
+    filler = getattr(runner, "_steer_batch_filler", False)
+    if filler is False:  # first step: resolve once whether this engine steers
+        state = getattr(runner.get_model(), "steering", None)
+        config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
+        if config is not None and not isinstance(state, SteeringState):
+            raise RuntimeError(
+                f"steering was asked for, but model {type(runner.get_model()).__name__} has no steering "
+                "installed: its architecture is not one steer-batch supports, or the plugin did not load"
+            )
+        filler = StepFiller(runner, state) if config is not None else None
+        runner._steer_batch_filler = filler
+    return filler
+
+
+def install_runner_hook() -> None:
+    """Wrap GPUModelRunner._prepare_inputs once per process (the plugin may run many times)."""
+    original = GPUModelRunner._prepare_inputs
+    if getattr(original, "_steer_batch", False):
+        return
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = original(self, scheduler_output, num_scheduled_tokens)
+        filler = _filler(self)
+        if filler is not None:
+            filler.fill(self, num_scheduled_tokens)
+        return out
+
+    _prepare_inputs._steer_batch = True
+    GPUModelRunner._prepare_inputs = _prepare_inputs

@@ -1,0 +1,145 @@
+"""Test helpers: tiny random models built on the spot, the HF forward-hook oracle, engine set-up.
+
+The oracle is independent of the code under test: plain transformers, a forward hook on each
+steered decoder layer that adds alpha * v to its output, and a greedy loop without KV cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from pathlib import Path
+
+import torch
+
+from steer_batch import SteeringVector
+
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+VOCAB = 512
+LAYERS = 4
+
+
+def _config(family: str):
+    import transformers as tf
+
+    # head_dim 64: vLLM's CPU attention refuses smaller heads.
+    common = dict(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(head_dim=64, **common)
+    if family == "gemma2":
+        return tf.Gemma2Config(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, **common)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, **common)
+    raise ValueError(family)
+
+
+def make_model(family: str, folder: Path, seed: int = 0) -> Path:
+    """A tiny random model of `family`, saved as an HF folder (safetensors, fp32)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = _config(family)
+    model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    # Scale up the head so greedy argmax has clear margins (random init is near-uniform).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_vector(model_dir: Path, layers: list[int], seed: int, scale: float = 1.0) -> SteeringVector:
+    """A random direction per layer, scaled to the typical hidden-state norm of the model."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = load_hf(model_dir).config.hidden_size
+    dirs = {i: torch.randn(hidden, generator=g) * scale for i in layers}
+    return SteeringVector(dirs, LAYERS, model=str(model_dir), method="random", concept=f"random{seed}")
+
+
+_HF = {}
+
+
+def load_hf(model_dir: Path):
+    import transformers as tf
+
+    if model_dir not in _HF:
+        _HF[model_dir] = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return _HF[model_dir]
+
+
+def decoder_layers(model):
+    return model.model.layers
+
+
+@contextlib.contextmanager
+def steered(model, vector: SteeringVector | None, alpha: float):
+    """Forward hooks adding alpha * v[i] to the output of each steered decoder layer i."""
+    handles = []
+    if vector is not None and alpha != 0:
+        for i, d in vector.directions.items():
+            def hook(module, args, out, d=d):
+                if isinstance(out, tuple):
+                    return (out[0] + alpha * d.to(out[0].dtype),) + out[1:]
+                return out + alpha * d.to(out.dtype)
+
+            handles.append(decoder_layers(model)[i].register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def oracle_greedy(model_dir: Path, prompt: list[int], n: int, vector: SteeringVector | None = None, alpha: float = 0.0) -> list[int]:
+    model = load_hf(model_dir)
+    ids = list(prompt)
+    with steered(model, vector, alpha):
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def make_prompts(count: int, seed: int, min_len: int = 5, max_len: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (count,), generator=g)
+    return [torch.randint(3, VOCAB, (int(n),), generator=g).tolist() for n in lens]
+
+
+def make_llm(model_dir: Path, vectors: dict[str, Path] | None = None, *, eager: bool = True, **kwargs):
+    from vllm import LLM
+
+    extra = {"additional_config": {"steering": {"vectors": {k: str(v) for k, v in vectors.items()}}}} if vectors else {}
+    return LLM(
+        model=str(model_dir), skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=512,
+        enforce_eager=eager, gpu_memory_utilization=0.3, **extra, **kwargs,
+    )
+
+
+def close_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def generate(llm, prompts: list[list[int]], n: int, steer: list[tuple[str, float] | None]) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
+                       extra_args={"steering_vector": s[0], "steering_alpha": s[1]} if s else None)
+        for s in steer
+    ]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]

@@ -37,10 +37,14 @@ def _config(family: str):
         return tf.Qwen2Config(**common)
     if family == "qwen3":
         return tf.Qwen3Config(head_dim=64, **common)
+    # Gemma always ties its output head to the embeddings in vLLM.
+    gemma = dict(common, tie_word_embeddings=True, head_dim=64, query_pre_attn_scalar=64, sliding_window=64)
     if family == "gemma2":
-        return tf.Gemma2Config(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, **common)
+        return tf.Gemma2Config(**gemma)
+    if family == "gpt2":  # an architecture steer-batch does not support
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=2)
     if family == "gemma3":
-        return tf.Gemma3TextConfig(head_dim=64, query_pre_attn_scalar=64, sliding_window=64, **common)
+        return tf.Gemma3TextConfig(**gemma)
     raise ValueError(family)
 
 
@@ -51,18 +55,26 @@ def make_model(family: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = _config(family)
     model = tf.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
-    # Scale up the head so greedy argmax has clear margins (random init is near-uniform).
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+    # Scale up an untied head so greedy argmax has clear margins (random init is near-uniform).
+    # Gemma's head is the embedding, and its logit soft-capping would saturate a scaled one.
+    if not config.tie_word_embeddings:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(8.0)
     model.save_pretrained(folder)
     return folder
 
 
 def make_vector(model_dir: Path, layers: list[int], seed: int, scale: float = 1.0) -> SteeringVector:
-    """A random direction per layer, scaled to the typical hidden-state norm of the model."""
+    """A random direction per layer, `scale` times the mean hidden-state norm at that layer, so
+    that alphas around 1 visibly change greedy text on every family."""
     g = torch.Generator().manual_seed(seed)
-    hidden = load_hf(model_dir).config.hidden_size
-    dirs = {i: torch.randn(hidden, generator=g) * scale for i in layers}
+    model = load_hf(model_dir)
+    with torch.no_grad():
+        states = model(torch.randint(3, VOCAB, (1, 32), generator=g), output_hidden_states=True).hidden_states
+    dirs = {}
+    for i in layers:
+        d = torch.randn(model.config.hidden_size, generator=g)
+        dirs[i] = d / d.norm() * states[i + 1][0].norm(dim=-1).mean() * scale
     return SteeringVector(dirs, LAYERS, model=str(model_dir), method="random", concept=f"random{seed}")
 
 

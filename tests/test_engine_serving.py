@@ -1,0 +1,158 @@
+"""One steering engine serving mixed traffic: identity with stock vLLM, batch vs solo runs,
+prefix caching across steering settings, request validation, and start-up refusals."""
+
+import math
+
+import pytest
+import torch
+from vllm import SamplingParams
+
+from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
+from steer_batch import SteeringVector
+
+N_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serving")
+    model_dir = make_model("llama", folder / "model")
+    vectors = {"a": make_vector(model_dir, [1, 2], seed=1), "b": make_vector(model_dir, [2, 3], seed=2)}
+    paths = {name: folder / f"{name}.safetensors" for name in vectors}
+    for name, v in vectors.items():
+        v.save(paths[name])
+    return folder, model_dir, vectors, paths
+
+
+@pytest.fixture(scope="module")
+def llm(setup):
+    _, model_dir, _, paths = setup
+    llm = make_llm(model_dir, paths, max_num_batched_tokens=64, enable_prefix_caching=True)
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(setup):
+    """Greedy tokens of a stock engine (no `steering` key: the installed plugin stays inert)."""
+    _, model_dir, _, _ = setup
+    prompts = make_prompts(12, seed=3)
+    stock = make_llm(model_dir, max_num_batched_tokens=64)
+    try:
+        return prompts, generate(stock, prompts, N_TOKENS, [None] * len(prompts))
+    finally:
+        close_llm(stock)
+
+
+def test_stock_engine_matches_oracle(setup, stock_tokens):
+    _, model_dir, _, _ = setup
+    prompts, tokens = stock_tokens
+    assert tokens == [oracle_greedy(model_dir, p, N_TOKENS) for p in prompts]
+
+
+def test_unsteered_and_alpha_zero_equal_stock_vllm(llm, stock_tokens):
+    prompts, tokens = stock_tokens
+    steer = [None, ("a", 0.0), ("b", 0), None] * 3
+    assert generate(llm, prompts, N_TOKENS, steer) == tokens
+
+
+def test_batch_equals_solo_runs_and_oracle(setup, llm):
+    _, model_dir, vectors, _ = setup
+    prompts = make_prompts(6, seed=4, min_len=60, max_len=120)  # longer than the 64-token step budget
+    steer = [("a", 2.0), ("a", -2.0), ("a", 0.7), ("b", 3.0), None, ("b", -1.0)]
+    batch = generate(llm, prompts, N_TOKENS, steer)
+    solo = [generate(llm, [p], N_TOKENS, [s])[0] for p, s in zip(prompts, steer)]
+    oracle = [oracle_greedy(model_dir, p, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0) for p, s in zip(prompts, steer)]
+    assert batch == solo
+    assert batch == oracle
+
+
+def _run(llm, prompt, steer):
+    extra = {"steering_vector": steer[0], "steering_alpha": steer[1]} if steer else None
+    params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True, extra_args=extra)
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    return list(out.outputs[0].token_ids), out.num_cached_tokens
+
+
+def test_prefix_cache_never_crosses_steering_settings(setup, llm):
+    _, model_dir, vectors, _ = setup
+    prompt = make_prompts(1, seed=5, min_len=300, max_len=300)[0]
+
+    def oracle(steer):
+        return oracle_greedy(model_dir, prompt, N_TOKENS, vectors[steer[0]] if steer else None, steer[1] if steer else 0.0)
+
+    first, cached = _run(llm, prompt, ("a", 2.0))
+    assert first == oracle(("a", 2.0)) and cached == 0
+    plain, cached = _run(llm, prompt, None)
+    assert plain == oracle(None) and cached == 0, "an unsteered request reused KV computed under steering"
+    other, cached = _run(llm, prompt, ("a", -2.0))
+    assert other == oracle(("a", -2.0)) and cached == 0, "a request reused KV computed under another alpha"
+    # The cache still works within one setting, and alpha 0 shares it with unsteered traffic.
+    again, cached = _run(llm, prompt, ("a", 2.0))
+    assert again == first and cached > 0
+    zero, cached = _run(llm, prompt, ("a", 0.0))
+    assert zero == plain and cached > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"steering_vector": "sad", "steering_alpha": 1.0}, r"'sad' is not a vector of this engine; allowed: \['a', 'b'\]"),
+        ({"steering_vector": "a", "steering_alpha": math.nan}, "steering_alpha=nan must be a finite number"),
+        ({"steering_vector": "a", "steering_alpha": math.inf}, "steering_alpha=inf must be a finite number"),
+        ({"steering_vector": "a", "steering_alpha": "4"}, "steering_alpha='4' must be a finite number"),
+        ({"steering_vector": ["a"], "steering_alpha": 1.0}, "is not a vector of this engine"),
+        ({"steering_vector": "a", "steering_alpha": 1.0, "steering_layers": [1]}, "unknown steering argument 'steering_layers'"),
+        ({"steering_alpha": 1.0}, "steering_vector is missing"),
+    ],
+)
+def test_bad_request_fails_alone(setup, llm, extra, message):
+    _, model_dir, vectors, _ = setup
+    prompt = make_prompts(1, seed=6)[0]
+    with pytest.raises(ValueError, match=message):
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=4, extra_args=extra), use_tqdm=False)
+    # The engine keeps serving.
+    assert _run(llm, prompt, ("b", 1.5))[0] == oracle_greedy(model_dir, prompt, N_TOKENS, vectors["b"], 1.5)
+
+
+def _bad_vector(folder, model_dir, name, **change):
+    v = make_vector(model_dir, [1], seed=9)
+    hidden, layers = v.hidden_size, v.num_layers
+    if "hidden" in change:
+        v = SteeringVector({1: torch.ones(change["hidden"])}, layers)
+    if "num_layers" in change:
+        v = SteeringVector({6: torch.ones(hidden)}, change["num_layers"])
+    if "nan" in change:
+        v.directions[1][5] = math.nan
+    path = folder / name
+    v.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden": 64}, r"bad\.safetensors \(vector 'x'\): layers\.1 has hidden size 64; expected 128"),
+        ({"num_layers": 8}, r"bad\.safetensors \(vector 'x'\): made for 8 layers; expected 4"),
+        ({"nan": True}, r"bad\.safetensors \(vector 'x'\): layers\.1 holds NaN or inf"),
+    ],
+)
+def test_engine_refuses_vectors_that_do_not_fit(setup, change, message):
+    folder, model_dir, _, _ = setup
+    path = _bad_vector(folder, model_dir, "bad.safetensors", **change)
+    with pytest.raises(ValueError, match=message):
+        make_llm(model_dir, {"x": path})
+
+
+def test_engine_refuses_unsupported_architecture(setup, tmp_path):
+    folder, _, _, paths = setup
+    gpt2 = make_model("gpt2", tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"cannot steer architecture GPT2LMHeadModel; supported: \['Gemma2ForCausalLM'"):
+        make_llm(gpt2, {"a": paths["a"]})
+
+
+def test_engine_refuses_model_runner_v2(setup, monkeypatch):
+    _, model_dir, _, paths = setup
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="needs vLLM's V1 model runner"):
+        make_llm(model_dir, paths)

@@ -1,0 +1,64 @@
+"""Parsing of the engine's steering config and of each request's steering_* arguments."""
+
+import math
+
+import pytest
+
+from steer_batch.engine.config import SteeringConfig, SteeringRequestError, parse_request
+
+CONFIG = SteeringConfig.from_additional_config({"steering": {"vectors": {"happy": "h.safetensors", "calm": {"path": "c.safetensors"}}}})
+
+
+def test_engine_config_shapes():
+    assert SteeringConfig.from_additional_config({}) is None
+    assert SteeringConfig.from_additional_config({"other_plugin": 1}) is None
+    assert CONFIG.names == ["happy", "calm"]
+    assert CONFIG.vectors["calm"].path == "c.safetensors"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"steering": ["a"]}, "must be a dict"),
+        ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors'\]"),
+        ({"steering": {"vectors": {}}}, "non-empty dict"),
+        ({"steering": {"vectors": {"a": {"file": "x"}}}}, "must be a file path or a dict with a 'path'"),
+        ({"steering": {"vectors": {"a": {"path": "x", "alpha": 1}}}}, r"unknown keys \['alpha'\]"),
+    ],
+)
+def test_engine_config_errors(raw, message):
+    with pytest.raises(ValueError, match=message):
+        SteeringConfig.from_additional_config(raw)
+
+
+def test_request_parsing():
+    assert parse_request(None, CONFIG) is None
+    assert parse_request({"other": 1}, CONFIG) is None
+    assert parse_request({"steering_vector": "happy", "steering_alpha": 0}, CONFIG) is None
+    assert parse_request({"steering_vector": "calm", "steering_alpha": -4}, CONFIG) == ("calm", -4.0)
+    assert parse_request({"steering_vector": "happy", "steering_alpha": 0.5}, CONFIG) == ("happy", 0.5)
+
+
+@pytest.mark.parametrize(
+    "args, field, message",
+    [
+        ({"steering_vector": "sad", "steering_alpha": 1}, "steering_vector", r"'sad' is not a vector of this engine; allowed: \['happy', 'calm'\]"),
+        ({"steering_vector": 3, "steering_alpha": 1}, "steering_vector", "is not a vector of this engine"),
+        ({"steering_vector": "happy", "steering_alpha": math.nan}, "steering_alpha", "must be a finite number"),
+        ({"steering_vector": "happy", "steering_alpha": math.inf}, "steering_alpha", "must be a finite number"),
+        ({"steering_vector": "happy", "steering_alpha": "4"}, "steering_alpha", "must be a finite number"),
+        ({"steering_vector": "happy", "steering_alpha": True}, "steering_alpha", "must be a finite number"),
+        ({"steering_vector": "happy"}, "steering_alpha", "steering_alpha is missing"),
+        ({"steering_alpha": 2.0}, "steering_vector", "steering_vector is missing"),
+        ({"steering_vector": "happy", "steering_alpha": 1, "steering_scale": 2}, "steering_scale", r"unknown steering argument 'steering_scale'; allowed: \['steering_vector', 'steering_alpha'\]"),
+    ],
+)
+def test_request_errors_name_the_field(args, field, message):
+    with pytest.raises(SteeringRequestError, match=message) as e:
+        parse_request(args, CONFIG)
+    assert e.value.field == field
+
+
+def test_steering_request_to_an_engine_without_steering():
+    with pytest.raises(SteeringRequestError, match="started without steering"):
+        parse_request({"steering_vector": "happy", "steering_alpha": 1}, None)

@@ -7,16 +7,16 @@ steered decoder layer that adds alpha * v to its output, and a greedy loop witho
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from pathlib import Path
 
 import torch
 
 from steer_batch import SteeringVector
+from steer_batch.engine import launch
+from steer_batch.engine.launch import close_llm  # noqa: F401  (re-exported for the tests)
 
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: tiny models need little
 
 VOCAB = 512
 LAYERS = 4
@@ -130,19 +130,7 @@ def make_prompts(count: int, seed: int, min_len: int = 5, max_len: int = 40) -> 
 
 
 def make_llm(model_dir: Path, vectors: dict[str, Path] | None = None, *, eager: bool = True, **kwargs):
-    from vllm import LLM
-
-    extra = {"additional_config": {"steering": {"vectors": {k: str(v) for k, v in vectors.items()}}}} if vectors else {}
-    return LLM(
-        model=str(model_dir), skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=512,
-        enforce_eager=eager, gpu_memory_utilization=0.3, **extra, **kwargs,
-    )
-
-
-def close_llm(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    return launch.make_llm(model_dir, vectors, skip_tokenizer_init=True, seed=0, max_model_len=512, enforce_eager=eager, **kwargs)
 
 
 def generate(llm, prompts: list[list[int]], n: int, steer: list[tuple[str, float] | None]) -> list[list[int]]:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
 from steer_batch import SteeringVector
@@ -95,22 +96,23 @@ def test_prefix_cache_never_crosses_steering_settings(setup, llm):
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    "extra, field, message",
     [
-        ({"steering_vector": "sad", "steering_alpha": 1.0}, r"'sad' is not a vector of this engine; allowed: \['a', 'b'\]"),
-        ({"steering_vector": "a", "steering_alpha": math.nan}, "steering_alpha=nan must be a finite number"),
-        ({"steering_vector": "a", "steering_alpha": math.inf}, "steering_alpha=inf must be a finite number"),
-        ({"steering_vector": "a", "steering_alpha": "4"}, "steering_alpha='4' must be a finite number"),
-        ({"steering_vector": ["a"], "steering_alpha": 1.0}, "is not a vector of this engine"),
-        ({"steering_vector": "a", "steering_alpha": 1.0, "steering_layers": [1]}, "unknown steering argument 'steering_layers'"),
-        ({"steering_alpha": 1.0}, "steering_vector is missing"),
+        ({"steering_vector": "sad", "steering_alpha": 1.0}, "steering_vector", r"'sad' is not a vector of this engine; allowed: \['a', 'b'\]"),
+        ({"steering_vector": "a", "steering_alpha": math.nan}, "steering_alpha", "steering_alpha=nan must be a finite number"),
+        ({"steering_vector": "a", "steering_alpha": math.inf}, "steering_alpha", "steering_alpha=inf must be a finite number"),
+        ({"steering_vector": "a", "steering_alpha": "4"}, "steering_alpha", "steering_alpha='4' must be a finite number"),
+        ({"steering_vector": ["a"], "steering_alpha": 1.0}, "steering_vector", "is not a vector of this engine"),
+        ({"steering_vector": "a", "steering_alpha": 1.0, "steering_layers": [1]}, "steering_layers", "unknown steering argument 'steering_layers'"),
+        ({"steering_alpha": 1.0}, "steering_vector", "steering_vector is missing"),
     ],
 )
-def test_bad_request_fails_alone(setup, llm, extra, message):
+def test_bad_request_fails_alone(setup, llm, extra, field, message):
     _, model_dir, vectors, _ = setup
     prompt = make_prompts(1, seed=6)[0]
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(VLLMValidationError, match=message) as e:
         llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=4, extra_args=extra), use_tqdm=False)
+    assert e.value.parameter == field
     # The engine keeps serving.
     assert _run(llm, prompt, ("b", 1.5))[0] == oracle_greedy(model_dir, prompt, N_TOKENS, vectors["b"], 1.5)
 

@@ -1,0 +1,138 @@
+"""`steer-batch bench`: throughput of steering inside vLLM, as ratios measured in one run.
+
+On one steering engine: unsteered requests, then every layer steered with 1, 3, 64 and 256
+distinct alphas; each as a ratio to unsteered. Then the same prompts through a stock engine (no
+steering installed) and through HF generate + forward hooks, the reference users would
+otherwise pick. Prefix caching is off so every configuration does the same work.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+DISTINCT_ALPHAS = (1, 3, 64, 256)
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _random_vector(model_dir: Path, seed: int = 0):
+    """A random unit direction on every layer: throughput does not depend on what it means."""
+    import torch
+    from transformers import AutoConfig
+
+    from steer_batch import SteeringVector
+
+    config = AutoConfig.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    dirs = {i: torch.nn.functional.normalize(torch.randn(config.hidden_size, generator=g), dim=0) for i in range(config.num_hidden_layers)}
+    return SteeringVector(dirs, config.num_hidden_layers, model=str(model_dir), method="random", concept="bench")
+
+
+def _alphas(num_prompts: int, distinct: int | None) -> list[float | None]:
+    if distinct is None:
+        return [None] * num_prompts
+    values = np.linspace(-4.0, 4.0, distinct) if distinct > 1 else np.array([4.0])
+    return [float(values[i % distinct]) for i in range(num_prompts)]
+
+
+def _vllm_tok_s(llm, prompts: list[str], alphas: list[float | None], max_tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                       extra_args=None if a is None else {"steering_vector": "v", "steering_alpha": a})
+        for a in alphas
+    ]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outs) / seconds
+
+
+def _hf_tok_s(model_dir: Path, vector, prompts: list[str], alphas: list[float], max_tokens: int, batch: int) -> float:
+    """HF generate with a forward hook per layer adding alpha[row] * v (left-padded batches)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    row_alpha = torch.zeros(0)  # [batch], set per batch below
+
+    def hook(module, args, out, d):
+        h = out[0] if isinstance(out, tuple) else out  # [batch, seq, hidden]
+        h = h + row_alpha[: h.shape[0], None, None] * d
+        return (h,) + out[1:] if isinstance(out, tuple) else h
+
+    handles = [model.model.layers[i].register_forward_hook(lambda m, a, o, d=d: hook(m, a, o, d)) for i, d in vector.directions.items()]
+    tokens, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, len(prompts), batch):
+            enc = tok(prompts[lo : lo + batch], return_tensors="pt", padding=True)
+            row_alpha = torch.tensor(alphas[lo : lo + batch])
+            out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    for h in handles:
+        h.remove()
+    return tokens / (time.perf_counter() - start)
+
+
+@click.command()
+@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="HF model folder (default: the embedded SmolLM2-135M-Instruct).")
+@click.option("--num-prompts", default=256, show_default=True, help="Requests per configuration (>= 256 for 256 distinct alphas).")
+@click.option("--max-tokens", default=24, show_default=True, help="Generated tokens per request.")
+@click.option("--rounds", default=2, show_default=True, help="Rounds over all configurations; the best round of each counts.")
+@click.option("--stock/--no-stock", default=True, show_default=True, help="Also time a stock engine (no steering installed).")
+@click.option("--hf/--no-hf", default=True, show_default=True, help="Also time HF generate + forward hooks.")
+@click.option("--eager", is_flag=True, help="enforce_eager (skip torch.compile).")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures as JSON.")
+def bench(model_path, num_prompts, max_tokens, rounds, stock, hf, eager, json_out):
+    """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks."""
+    from steer_batch.data import path as data_path
+    from steer_batch.engine.default_model import default_model_dir
+    from steer_batch.engine.launch import close_llm, make_llm
+
+    model_dir = model_path or default_model_dir()
+    beginnings = [s for s in json.loads(data_path("repe_sentence_beginnings.json").read_text()) if s]
+    prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
+    vector = _random_vector(model_dir)
+    configs = {"unsteered": None, **{f"{k} alpha{'s' if k > 1 else ''}": k for k in DISTINCT_ALPHAS if k <= num_prompts}}
+    engine_args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        vector.save(Path(tmp) / "v.safetensors")
+        llm = make_llm(model_dir, {"v": Path(tmp) / "v.safetensors"}, **engine_args)
+        _vllm_tok_s(llm, prompts[:8], _alphas(8, 3), max_tokens)  # warm-up
+        for r in range(rounds):
+            for name, distinct in configs.items():
+                tok_s = _vllm_tok_s(llm, prompts, _alphas(num_prompts, distinct), max_tokens)
+                results[name] = max(results.get(name, 0.0), tok_s)
+                _log(f"round {r + 1}/{rounds} {name:>12}: {tok_s:8.1f} tok/s")
+        close_llm(llm)
+    if stock:
+        llm = make_llm(model_dir, **engine_args)
+        _vllm_tok_s(llm, prompts[:8], [None] * 8, max_tokens)
+        results["stock vLLM"] = max(_vllm_tok_s(llm, prompts, [None] * num_prompts, max_tokens) for _ in range(rounds))
+        close_llm(llm)
+    if hf:
+        results["HF + hooks"] = _hf_tok_s(model_dir, vector, prompts, _alphas(num_prompts, 3), max_tokens, batch=num_prompts)
+    base = results["unsteered"]
+    click.echo(f"model {model_dir}  prompts {num_prompts}  max_tokens {max_tokens}  {'eager' if eager else 'compiled'}  all layers steered")
+    click.echo(f"{'configuration':<16}{'tok/s':>10}{'vs unsteered':>14}")
+    for name, tok_s in results.items():
+        click.echo(f"{name:<16}{tok_s:>10.1f}{tok_s / base:>14.3f}")
+    if "256 alphas" in results:
+        click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")
+    if json_out:
+        json_out.write_text(json.dumps({"model": str(model_dir), "num_prompts": num_prompts, "max_tokens": max_tokens, "tok_s": results}, indent=2))
+    sys.stdout.flush()

@@ -20,7 +20,7 @@ CONFIG_KEY = "steering"
 VECTOR_KEY = "steering_vector"
 ALPHA_KEY = "steering_alpha"
 REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY)
-_CONFIG_FIELDS = ("vectors",)
+_CONFIG_FIELDS = ("vectors", "code")  # "code" is written by the front end (a hash of the steering code)
 _VECTOR_FIELDS = ("path", "sha256", "layers")
 
 

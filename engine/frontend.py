@@ -43,14 +43,25 @@ def prepare_engine_config(vllm_config) -> None:
     pinned = {}
     for name, spec in config.vectors.items():
         path = Path(spec.path).expanduser().resolve()
-        vector = SteeringVector.load(path)
-        vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=f"{path} (vector {name!r})")
+        vector = SteeringVector.load_for_model(name, path, hf.hidden_size, hf.num_hidden_layers)
         sha = file_sha256(path)
         if spec.sha256 is not None and spec.sha256 != sha:
             raise ValueError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")
         pinned[name] = VectorSpec(str(path), sha, tuple(vector.layers))
-    vllm_config.additional_config[CONFIG_KEY] = SteeringConfig(pinned).to_dict()
+    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned).to_dict(), "code": _code_hash()}
     _require_v1_runner(vllm_config)
+
+
+def _code_hash() -> str:
+    """Hash of the code that runs inside the compiled graph: vLLM's AOT compile cache is keyed
+    by the config hash, so a new steer-batch must not load a graph compiled by an old one."""
+    import hashlib
+
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for source in (package / "engine" / "model.py", *sorted((package / "kernels").glob("*.py"))):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _require_v1_runner(vllm_config) -> None:

@@ -71,8 +71,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     for name, spec in config.vectors.items():
         if spec.sha256 is not None and file_sha256(spec.path) != spec.sha256:
             raise ValueError(f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs)")
-        vectors[name] = SteeringVector.load(spec.path)
-        vectors[name].check_fits(hf.hidden_size, hf.num_hidden_layers, source=f"{spec.path} (vector {name!r})")
+        vectors[name] = SteeringVector.load_for_model(name, spec.path, hf.hidden_size, hf.num_hidden_layers)
 
     sched = vllm_config.scheduler_config
     max_tokens = max(sched.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)

@@ -139,6 +139,16 @@ class SteeringVector:
         vector.check_fits(hidden, num_layers, source=str(path))
         return vector
 
+    @classmethod
+    def load_for_model(cls, name: str, path: str | Path, hidden_size: int, num_layers: int) -> SteeringVector:
+        """Load the engine's vector `name` and check it fits the model; errors name both."""
+        try:
+            vector = cls.load(path)
+            vector.check_fits(hidden_size, num_layers, source=str(path))
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"steering vector {name!r}: {e}") from None
+        return vector
+
     def check_fits(self, hidden_size: int, num_layers: int, source: str = "vector") -> None:
         """Raise ValueError naming the layer, expected and found when this vector cannot steer
         a model of `hidden_size` x `num_layers`, or holds NaN/inf."""

@@ -2,6 +2,7 @@
 prefix caching across steering settings, request validation, and start-up refusals."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -134,9 +135,9 @@ def _bad_vector(folder, model_dir, name, **change):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"hidden": 64}, r"bad\.safetensors \(vector 'x'\): layers\.1 has hidden size 64; expected 128"),
-        ({"num_layers": 8}, r"bad\.safetensors \(vector 'x'\): made for 8 layers; expected 4"),
-        ({"nan": True}, r"bad\.safetensors \(vector 'x'\): layers\.1 holds NaN or inf"),
+        ({"hidden": 64}, r"steering vector 'x': \S+/bad\.safetensors: layers\.1 has hidden size 64; expected 128"),
+        ({"num_layers": 8}, r"steering vector 'x': \S+/bad\.safetensors: made for 8 layers; expected 4"),
+        ({"nan": True}, r"steering vector 'x': \S+/bad\.safetensors: layers\.1 holds NaN or inf"),
     ],
 )
 def test_engine_refuses_vectors_that_do_not_fit(setup, change, message):
@@ -153,8 +154,42 @@ def test_engine_refuses_unsupported_architecture(setup, tmp_path):
         make_llm(gpt2, {"a": paths["a"]})
 
 
-def test_engine_refuses_model_runner_v2(setup, monkeypatch):
-    _, model_dir, _, paths = setup
+class _RunnerChoice:
+    """Stands in for VllmConfig.use_v2_model_runner, which on GPU defaults to V2 and reads the
+    same variable (on CPU vLLM never picks V2: it needs Triton's GPU backend)."""
+
+    @property
+    def use_v2_model_runner(self):
+        return os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "1") != "0"
+
+
+def test_model_runner_v2_is_switched_off_or_refused(monkeypatch):
+    from steer_batch.engine.frontend import _require_v1_runner
+
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(ValueError, match="needs vLLM's V1 model runner"):
-        make_llm(model_dir, paths)
+    with pytest.raises(ValueError, match="needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is set"):
+        _require_v1_runner(_RunnerChoice())
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    _require_v1_runner(_RunnerChoice())  # the default: switch to V1 for this process and its children
+    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+
+
+def _config_hash(model_dir, vectors):
+    from vllm.engine.arg_utils import EngineArgs
+
+    extra = {"additional_config": {"steering": {"vectors": {k: str(v) for k, v in vectors.items()}}}} if vectors else {}
+    args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", **extra)
+    return args.create_engine_config().compute_hash()
+
+
+def test_compile_cache_key_follows_the_steered_layers(setup, tmp_path):
+    """vLLM keys its compile cache by the config hash: a graph compiled for other steered layers
+    (or none) must never be reused, even when the vector file keeps its name."""
+    _, model_dir, _, _ = setup
+    path = tmp_path / "v.safetensors"
+    make_vector(model_dir, [1, 2], seed=1).save(path)
+    first = _config_hash(model_dir, {"v": path})
+    assert _config_hash(model_dir, {"v": path}) == first
+    make_vector(model_dir, [0, 3], seed=1).save(path)
+    assert _config_hash(model_dir, {"v": path}) != first
+    assert _config_hash(model_dir, None) != first

@@ -20,7 +20,7 @@ def test_engine_config_shapes():
     "raw, message",
     [
         ({"steering": ["a"]}, "must be a dict"),
-        ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors'\]"),
+        ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors', 'code'\]"),
         ({"steering": {"vectors": {}}}, "non-empty dict"),
         ({"steering": {"vectors": {"a": {"file": "x"}}}}, "must be a file path or a dict with a 'path'"),
         ({"steering": {"vectors": {"a": {"path": "x", "alpha": 1}}}}, r"unknown keys \['alpha'\]"),

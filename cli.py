@@ -10,6 +10,10 @@ from steer_batch.eval.bench import bench
 @click.version_option(steer_batch.__version__, prog_name="steer-batch")
 def main() -> None:
     """Activation steering inside vLLM, at batch scale."""
+    import os
+
+    # Data goes to stdout; vLLM's logs (stdout by default) go to stderr with ours.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 @main.command()

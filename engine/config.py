@@ -4,6 +4,8 @@ asks for (`SamplingParams.extra_args`): parsing and validation, one place for bo
 Engine:  additional_config={"steering": {"vectors": {"happy": "happy.safetensors"}}}
          (a vector may also be {"path": ..., "sha256": ...}; the front end fills in `sha256` and
          `layers`, so vLLM's config hash, which covers additional_config, changes with them.)
+         {"steering": {"capture": [8, 9, 10]}} makes an engine that records the residual-stream
+         output of those layers at each prompt's last token (engine/capture.py).
 Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}
          Flat scalar keys, so the same request works through `vllm serve` as `vllm_xargs`.
 """
@@ -20,7 +22,7 @@ CONFIG_KEY = "steering"
 VECTOR_KEY = "steering_vector"
 ALPHA_KEY = "steering_alpha"
 REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY)
-_CONFIG_FIELDS = ("vectors", "code")  # "code" is written by the front end (a hash of the steering code)
+_CONFIG_FIELDS = ("vectors", "capture", "code")  # "code" is written by the front end (a hash of the steering code)
 _VECTOR_FIELDS = ("path", "sha256", "layers")
 
 
@@ -36,9 +38,11 @@ class VectorSpec:
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    """The engine's vectors, by the names requests use. Unknown keys are errors."""
+    """The engine's vectors, by the names requests use, and the layers it captures. Unknown keys
+    are errors."""
 
     vectors: dict[str, VectorSpec]
+    capture: tuple[int, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -55,13 +59,15 @@ class SteeringConfig:
         unknown = sorted(set(raw) - set(_CONFIG_FIELDS))
         if unknown:
             raise ValueError(f'additional_config["steering"] has unknown keys {unknown}; allowed: {list(_CONFIG_FIELDS)}')
-        vectors = raw.get("vectors")
-        if not isinstance(vectors, dict) or not vectors:
+        vectors, capture = raw.get("vectors", {}), raw.get("capture", [])
+        if not isinstance(vectors, dict) or not (vectors or capture):
             raise ValueError('additional_config["steering"]["vectors"] must be a non-empty dict of name -> vector file path')
-        return cls({_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()})
+        if not isinstance(capture, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in capture):
+            raise ValueError(f'additional_config["steering"]["capture"] must be a list of layer indices; got {capture!r}')
+        return cls({_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()}, tuple(sorted(set(capture))))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vectors": {name: spec.as_dict() for name, spec in self.vectors.items()}}
+        return {"vectors": {name: spec.as_dict() for name, spec in self.vectors.items()}, "capture": list(self.capture)}
 
 
 def _check_name(name: Any) -> str:

@@ -48,7 +48,12 @@ def prepare_engine_config(vllm_config) -> None:
         if spec.sha256 is not None and spec.sha256 != sha:
             raise ValueError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")
         pinned[name] = VectorSpec(str(path), sha, tuple(vector.layers))
-    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned).to_dict(), "code": _code_hash()}
+    bad = [i for i in config.capture if not 0 <= i < hf.num_hidden_layers]
+    if bad:
+        raise ValueError(f'additional_config["steering"]["capture"]: layers {bad} are outside 0..{hf.num_hidden_layers - 1}')
+    if config.capture and not model_config.enforce_eager:
+        raise ValueError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
+    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned, config.capture).to_dict(), "code": _code_hash()}
     _require_v1_runner(vllm_config)
 
 

@@ -15,6 +15,7 @@ import functools
 
 import torch
 from torch import nn
+from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
@@ -32,13 +33,25 @@ logger = init_logger(__name__)
 
 class SteeringState(nn.Module):
     """Per-token steering inputs shared by every steered layer: coeff [max_tokens] float32 and
-    vid [max_tokens] int32, zero where a token is not steered (and for CUDA-graph padding)."""
+    vid [max_tokens] int32, zero where a token is not steered (and for CUDA-graph padding).
 
-    def __init__(self, names: list[str], max_tokens: int):
+    Capture (eager engines only): before each forward the runner sets `capture_rows`, the flat
+    token index of every prompt that ends in this step; captured layers store their output at
+    those rows in `pending`, which the runner files under the request ids after the step.
+    """
+
+    def __init__(self, names: list[str], max_tokens: int, capture_layers: tuple[int, ...] = ()):
         super().__init__()
         self.index = {name: i for i, name in enumerate(names)}
+        self.capture_layers = capture_layers
+        self.capture_rows = torch.zeros(0, dtype=torch.long)
+        self.pending: dict[int, torch.Tensor] = {}  # layer -> [len(capture_rows), hidden] float32, cpu
         self.register_buffer("coeff", torch.zeros(max_tokens, dtype=torch.float32), persistent=False)
         self.register_buffer("vid", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
+
+    def capture(self, layer: int, output: torch.Tensor) -> None:
+        if len(self.capture_rows):
+            self.pending[layer] = output[self.capture_rows.to(output.device)].float().cpu()
 
 
 class _SteeredLayer:
@@ -46,11 +59,17 @@ class _SteeredLayer:
 
     steer_coeff: torch.Tensor
     steer_vid: torch.Tensor
-    steer_bank: torch.Tensor  # [num_vectors, hidden], this layer's row of each vector (0 if absent)
+    steer_bank: torch.Tensor | None  # [num_vectors, hidden], this layer's row of each vector (0 if absent)
+    steer_capture: tuple[SteeringState, int] | None  # (state, layer index) when this layer is captured
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
-        return steer_add(hidden_states, self.steer_coeff, self.steer_vid, self.steer_bank), residual
+        if self.steer_bank is not None:
+            hidden_states = steer_add(hidden_states, self.steer_coeff, self.steer_vid, self.steer_bank)
+        if self.steer_capture is not None:
+            state, layer = self.steer_capture
+            state.capture(layer, hidden_states + residual)  # the layer's residual-stream output
+        return hidden_states, residual
 
 
 @functools.cache
@@ -73,23 +92,30 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
             raise ValueError(f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs)")
         vectors[name] = SteeringVector.load_for_model(name, spec.path, hf.hidden_size, hf.num_hidden_layers)
 
+    if config.capture and vllm_config.compilation_config.mode != CompilationMode.NONE:
+        raise ValueError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
     sched = vllm_config.scheduler_config
     max_tokens = max(sched.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
     param = next(decoder.parameters())
+    local = range(decoder.start_layer, decoder.end_layer)  # this pipeline stage's layers
     with torch.device(param.device):
-        state = SteeringState(list(vectors), max_tokens)
-    steered = sorted({i for v in vectors.values() for i in v.layers if decoder.start_layer <= i < decoder.end_layer})
-    for i in steered:
+        state = SteeringState(list(vectors), max_tokens, tuple(i for i in config.capture if i in local))
+    steered = sorted({i for v in vectors.values() for i in v.layers if i in local})
+    for i in sorted(set(steered) | set(state.capture_layers)):
         layer = decoder.layers[i]
+        layer.__class__ = _steered_class(type(layer))
+        layer.steer_capture = (state, i) if i in state.capture_layers else None
+        if i not in steered:
+            layer.register_buffer("steer_bank", None, persistent=False)
+            continue
         bank = torch.zeros(len(vectors), hf.hidden_size, dtype=torch.float32)  # [num_vectors, hidden]
         for row, v in enumerate(vectors.values()):
             if i in v.directions:
                 bank[row] = v.directions[i]
-        layer.__class__ = _steered_class(type(layer))
         layer.register_buffer("steer_bank", bank.to(param.device), persistent=False)
         layer.register_buffer("steer_coeff", state.coeff, persistent=False)
         layer.register_buffer("steer_vid", state.vid, persistent=False)
-    logger.info("steer-batch: steering layers %s with vectors %s", steered, list(vectors))
+    logger.info("steer-batch: steering layers %s with vectors %s; capturing layers %s", steered, list(vectors), list(state.capture_layers))
     return state
 
 

@@ -29,6 +29,8 @@ class StepFiller:
         self.coeff.gpu, self.vid.gpu = state.coeff, state.vid
         self.requests: dict[str, tuple[int, float]] = {}  # req_id -> (vector row, alpha); alpha 0 = unsteered
         self.filled = 0  # tokens written last step; zeroed again before the next
+        self.capture_ids: list[str] = []  # requests whose prompt ends in the step being run
+        self.captured: dict[str, torch.Tensor] = {}  # req_id -> [capture layers, hidden] float32
 
     def row(self, req_id: str, runner: GPUModelRunner) -> tuple[int, float]:
         cached = self.requests.get(req_id)
@@ -37,8 +39,33 @@ class StepFiller:
             cached = (self.state.index[parsed[0]], parsed[1]) if parsed else (0, 0.0)
         return cached
 
+    def flush_captures(self) -> None:
+        """File the last step's captured rows under their request ids."""
+        state = self.state
+        for k, rid in enumerate(self.capture_ids):
+            self.captured[rid] = torch.stack([state.pending[layer][k] for layer in state.capture_layers])
+        self.capture_ids = []
+        state.pending = {}
+
+    def plan_captures(self, runner: GPUModelRunner, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
+        """Flat index of the last prompt token of every request whose prompt ends in this step."""
+        rows, ids = [], []
+        start = 0
+        for r, rid in enumerate(req_ids):
+            prompt_len = len(runner.requests[rid].prompt_token_ids)
+            computed = int(runner.input_batch.num_computed_tokens_cpu[r])
+            if computed < prompt_len <= computed + num_scheduled_tokens[r]:
+                rows.append(start + prompt_len - 1 - computed)
+                ids.append(rid)
+            start += int(num_scheduled_tokens[r])
+        self.capture_ids = ids
+        self.state.capture_rows = torch.tensor(rows, dtype=torch.long)
+
     def fill(self, runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
         req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
+        if self.state.capture_layers:
+            self.flush_captures()
+            self.plan_captures(runner, req_ids, num_scheduled_tokens)
         # Rebuilt every step from the live batch, so finished requests drop out by themselves.
         self.requests = {rid: self.row(rid, runner) for rid in req_ids}
         rows = np.fromiter((r for r, _ in self.requests.values()), dtype=np.int32, count=len(req_ids))

@@ -33,14 +33,19 @@ def _config(family: str):
     )
     if family == "llama":
         return tf.LlamaConfig(**common)
+    if family == "mistral":
+        return tf.MistralConfig(head_dim=64, sliding_window=None, **common)
     if family == "qwen2":
         return tf.Qwen2Config(**common)
     if family == "qwen3":
         return tf.Qwen3Config(head_dim=64, **common)
     # Gemma always ties its output head to the embeddings in vLLM.
-    gemma = dict(common, tie_word_embeddings=True, head_dim=64, query_pre_attn_scalar=64, sliding_window=64)
+    # A window longer than any test prompt: HF and vLLM need not agree on sliding-window edges.
+    gemma = dict(common, tie_word_embeddings=True, head_dim=64, query_pre_attn_scalar=64, sliding_window=512)
     if family == "gemma2":
-        return tf.Gemma2Config(**gemma)
+        # No attention soft-capping: hidden states then agree with HF to fp32 rounding (with it,
+        # layer outputs differed by ~1% here, though greedy tokens still matched).
+        return tf.Gemma2Config(**gemma, attn_logit_softcapping=None)
     if family == "gpt2":  # an architecture steer-batch does not support
         return tf.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=2)
     if family == "gemma3":

@@ -5,7 +5,7 @@ import pytest
 
 from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
 
-FAMILIES = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
 # Random Gemma models put most logit mass on a few tokens: they need stronger vectors to flip them.
 VECTOR_SCALE = {"gemma2": 4.0, "gemma3": 4.0}
 N_TOKENS = 16

@@ -14,13 +14,16 @@ def test_engine_config_shapes():
     assert SteeringConfig.from_additional_config({"other_plugin": 1}) is None
     assert CONFIG.names == ["happy", "calm"]
     assert CONFIG.vectors["calm"].path == "c.safetensors"
+    assert CONFIG.capture == ()
+    assert SteeringConfig.from_additional_config({"steering": {"capture": [3, 1, 3]}}).capture == (1, 3)
 
 
 @pytest.mark.parametrize(
     "raw, message",
     [
         ({"steering": ["a"]}, "must be a dict"),
-        ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors', 'code'\]"),
+        ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors', 'capture', 'code'\]"),
+        ({"steering": {"capture": [1, "2"]}}, "must be a list of layer indices"),
         ({"steering": {"vectors": {}}}, "non-empty dict"),
         ({"steering": {"vectors": {"a": {"file": "x"}}}}, "must be a file path or a dict with a 'path'"),
         ({"steering": {"vectors": {"a": {"path": "x", "alpha": 1}}}}, r"unknown keys \['alpha'\]"),

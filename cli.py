@@ -7,6 +7,8 @@ import click
 import steer_batch
 from steer_batch.engine.extract import CAPTURES, DEFAULT_TEMPLATE, METHODS
 from steer_batch.eval.bench import bench, bench_extract
+from steer_batch.eval.classify import CLASSIFIERS, classify
+from steer_batch.eval.report import report
 
 
 @click.group()
@@ -74,7 +76,17 @@ def _read_suffixes(path) -> list[str]:
 def _resolve_model(model):
     from steer_batch.engine.default_model import default_model_dir
 
-    return Path(model) if model else default_model_dir()
+    if model is None:
+        return default_model_dir()
+    if (Path(model) / "config.json").is_file():
+        return Path(model)
+    try:  # a hub id: its files, in the local HF cache
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # offline, unknown id, gated model: the hub client's own error types
+        raise click.BadParameter(f"{model} is neither a model folder (with config.json) nor a model id the hub serves here "
+                                 f"({type(e).__name__})", param_hint="--model") from None
 
 
 @main.command()
@@ -165,44 +177,138 @@ def _parse_alphas(text: str) -> list[float]:
     return alphas
 
 
-@main.command()
-@click.option("--alphas", default="-4,0,4", show_default=True, help="Comma-separated steering strengths.")
-@click.option("--num-prompts", default=6, show_default=True, help="RepE sentence beginnings to continue.")
-@click.option("--max-tokens", default=32, show_default=True)
-def run(alphas, num_prompts, max_tokens):
-    """Placeholder main job: steer a few prompts on the embedded default model, print the texts.
+DEFAULT_LAYERS = "8-20"
+DEFAULT_SCALE = 0.25
 
-    The vector is the happy - sad mean difference over the 581 RepE pairs at layers 8-20 (HF
-    path), divided by 4 so that alpha +-4 lands where the raw difference at +-1 is readable.
-    """
+
+def _default_vector(model_dir: Path) -> Path:
+    """The happy - sad mean difference at layers 8-20, divided by 4 (so alpha +-4 is where the raw
+    difference at +-1 is: clearly shifted, still readable), extracted on first use and cached
+    under the model's hash."""
+    from transformers import AutoConfig
+
+    from steer_batch.engine.default_model import cache_dir
+    from steer_batch.engine.extract import extract
+    from steer_batch.engine.generate import model_hash
+
+    key = f"{model_dir.name}-{model_hash(model_dir)[:12]}-happy-sad-mean_diff-L{DEFAULT_LAYERS}-x{DEFAULT_SCALE:g}"
+    path = cache_dir() / "vectors" / f"{key}.safetensors"
+    if not path.is_file():
+        click.echo("extracting the happy - sad vector (581 RepE pairs, captured in vLLM)...", err=True)
+        layers = _parse_layers(DEFAULT_LAYERS, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+        vector = extract(model_dir, "happy", "sad", _read_suffixes(None), layers) * DEFAULT_SCALE
+        vector.metadata["scale"] = f"{DEFAULT_SCALE:g} x the raw mean difference"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vector.save(path)
+    return path
+
+
+def _read_prompts(path) -> tuple[Path, list[str]]:
+    from steer_batch.data import path as data_path
+
+    source = path or Path(str(data_path("repe_sentence_beginnings.json")))
+    try:
+        return source, _read_suffixes(source)
+    except click.BadParameter as e:
+        raise click.BadParameter(e.message, param_hint="--prompts") from None
+
+
+@main.command()
+@click.option("--model", default=None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct).")
+@click.option("--vector", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Steering vector file (default: a cached happy - sad vector for the model).")
+@click.option("--alphas", default="-4,0,4", show_default=True, help="Comma-separated steering strengths.")
+@click.option("--prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON list of prompt strings (default: the 581 RepE sentence beginnings).")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, help="Request k gets seed + k.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default: runs/<model>-<vector>-a<alphas>). The same command resumes it.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Resume the run in this folder with its own settings.")
+@click.option("--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader.")
+@click.option("--eval/--no-eval", "evaluate", default=True, show_default=True, help="Classify and report after generating.")
+@click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
+def run(model, vector, alphas, prompts, max_tokens, temperature, top_p, seed, out, resume, classifier, evaluate, enforce_eager):
+    """Generate from every prompt at every alpha in one engine, then classify and report."""
     import json
     import time
 
-    from vllm import SamplingParams
+    from transformers import AutoConfig
 
-    from steer_batch.data import path as data_path
-    from steer_batch.engine.default_model import cache_dir, default_model_dir
-    from steer_batch.engine.extract import extract
-    from steer_batch.engine.launch import close_llm, make_llm
+    from steer_batch import SteeringVector
+    from steer_batch.engine.config import file_sha256
+    from steer_batch.engine.generate import MANIFEST, RunSpec, Sampling, generate, model_hash, prepare_out
 
-    alpha_list = _parse_alphas(alphas)
+    times = {}
     start = time.perf_counter()
-    model_dir = default_model_dir()
-    beginnings = [s for s in json.loads(data_path("repe_sentence_beginnings.json").read_text()) if s]
-    vector_path = cache_dir() / "vectors" / f"{model_dir.name}-happy-mean_diff-8-20-div4.safetensors"
-    if not vector_path.is_file():
-        click.echo("extracting the happy - sad vector (581 pairs, captured in vLLM)...", err=True)
-        vector_path.parent.mkdir(parents=True, exist_ok=True)
-        (extract(model_dir, "happy", "sad", beginnings, list(range(8, 21))) / 4).save(vector_path)
-    click.echo(f"model {model_dir}\nvector {vector_path}", err=True)
-    llm = make_llm(model_dir, {"happy": vector_path}, max_model_len=512, seed=0)
-    prompts = beginnings[:num_prompts]
-    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args={"steering_vector": "happy", "steering_alpha": a}) for a in alpha_list]
-    outs = llm.generate([p for p in prompts for _ in alpha_list], params * len(prompts), use_tqdm=False)
-    close_llm(llm)
-    for i, prompt in enumerate(prompts):
-        click.echo(f"\n## {prompt}")
-        for j, a in enumerate(alpha_list):
-            text = outs[i * len(alpha_list) + j].outputs[0].text.replace("\n", " ")
-            click.echo(f"  alpha {a:+g}: {prompt}{text}")
-    click.echo(f"\ndone in {time.perf_counter() - start:.0f} s", err=True)
+    if resume is not None:
+        try:
+            saved = json.loads((resume / MANIFEST).read_text())["spec"]
+        except (OSError, ValueError, KeyError) as e:
+            raise click.BadParameter(f"{resume} holds no readable {MANIFEST} ({e})", param_hint="--resume") from None
+        model, vector, out = saved["model"], Path(saved["vector"]), resume
+        alpha_list, prompts = saved["alphas"], Path(saved["prompts_file"])
+        max_tokens, temperature, top_p, seed = (saved["sampling"][k] for k in ("max_tokens", "temperature", "top_p", "seed"))
+    else:
+        alpha_list = _parse_alphas(alphas)
+    prompts_file, prompt_list = _read_prompts(prompts)
+    model_dir = _resolve_model(model)
+    config = AutoConfig.from_pretrained(model_dir)
+    if vector is not None:
+        try:
+            SteeringVector.load(vector).check_fits(config.hidden_size, config.num_hidden_layers, source=str(vector))
+        except (ValueError, FileNotFoundError) as e:
+            raise click.BadParameter(f"{e} (the model {model_dir} has hidden size {config.hidden_size}, "
+                                     f"{config.num_hidden_layers} layers)", param_hint="--vector") from None
+    times["set-up"] = time.perf_counter() - start
+    if vector is None:
+        vector = _default_vector(model_dir)
+    times["extraction"] = time.perf_counter() - start - times["set-up"]
+    out = out or Path("runs") / f"{model_dir.name}-{vector.stem}-a{'_'.join(f'{a:g}' for a in alpha_list)}"
+    spec = RunSpec(
+        model=str(model_dir), model_hash=model_hash(model_dir), vector=str(vector.resolve()), vector_sha256=file_sha256(vector),
+        alphas=alpha_list, prompts_file=str(prompts_file), prompts_sha256=file_sha256(prompts_file), num_prompts=len(prompt_list),
+        sampling=Sampling(max_tokens, temperature, top_p, seed),
+    )
+    try:
+        prepare_out(out, spec)  # refuses a folder holding another run before any engine starts
+        mark = time.perf_counter()
+        manifest = generate(out, spec, prompt_list, {"enforce_eager": enforce_eager})
+        times["generation"] = time.perf_counter() - mark
+        if evaluate:
+            mark = time.perf_counter()
+            used = classify(out, classifier)
+            times["classification"] = time.perf_counter() - mark
+            report(out)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"run folder   {out}", err=True)
+    click.echo(f"generations  {out / 'generations.arrow'} ({manifest['rows']} rows)", err=True)
+    if evaluate:
+        click.echo(f"sentiment    {out / 'sentiment.arrow'} ({used})", err=True)
+        click.echo(f"report       {out / 'report.md'}  figure {out / 'sentiment.png'}", err=True)
+        click.echo((out / "report.md").read_text())
+    click.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f", total {time.perf_counter() - start:.0f} s", err=True)
+
+
+@main.command("classify")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader.")
+def classify_command(out, classifier):
+    """Add OUT/sentiment.arrow: class probabilities of every generated text."""
+    try:
+        used = classify(out, classifier)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{out / 'sentiment.arrow'} ({used})")
+
+
+@main.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report_command(out):
+    """Write OUT/report.md, OUT/summary.arrow and OUT/sentiment.png."""
+    report(out)
+    click.echo((out / "report.md").read_text())

@@ -53,8 +53,24 @@ def _config(family: str):
     raise ValueError(family)
 
 
-def make_model(family: str, folder: Path, seed: int = 0) -> Path:
-    """A tiny random model of `family`, saved as an HF folder (safetensors, fp32)."""
+def make_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer (printable ASCII) saved beside a tiny model, for text prompts."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\t\n\r\x0b\x0c"))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+def make_model(family: str, folder: Path, seed: int = 0, tokenizer: bool = False) -> Path:
+    """A tiny random model of `family`, saved as an HF folder (safetensors, fp32), with a
+    character-level tokenizer when asked for."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -66,6 +82,8 @@ def make_model(family: str, folder: Path, seed: int = 0) -> Path:
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(8.0)
     model.save_pretrained(folder)
+    if tokenizer:
+        make_tokenizer(folder)
     return folder
 
 

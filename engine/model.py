@@ -116,6 +116,10 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
         layer.register_buffer("steer_coeff", state.coeff, persistent=False)
         layer.register_buffer("steer_vid", state.vid, persistent=False)
     logger.info("steer-batch: steering layers %s with vectors %s; capturing layers %s", steered, list(vectors), list(state.capture_layers))
+    # One steering op for every device for now: the torch path, which torch.compile fuses with
+    # the layer's own elementwise work. The Triton op (kernels/) replaces it on GPU only once
+    # kernels/gpu_check.py shows it beats that compiled path.
+    logger.info("steer-batch: steering op = torch path (kernels/steer.py) on %s", param.device.type)
     return state
 
 

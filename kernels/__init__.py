@@ -1,5 +1,9 @@
-"""The steering op: h[t] += coeff[t] * bank[vid[t]] (torch reference, the CPU path)."""
+"""The steering op: h[t] += coeff[t] * bank[vid[t]], alone or fused into vLLM's add+RMSNorm.
 
-from steer_batch.kernels.steer import steer_add
+`steer.py` is the torch implementation (the reference and the CPU path); `triton_steer.py` the
+GPU kernels. Relative imports only: `kernels/gpu_check.py` runs from a bare checkout.
+"""
 
-__all__ = ["steer_add"]
+from .steer import fused_add_rms_norm_steer, steer_add, steer_add_
+
+__all__ = ["fused_add_rms_norm_steer", "steer_add", "steer_add_"]

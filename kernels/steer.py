@@ -1,16 +1,34 @@
-"""The steering add, torch implementation (the reference and the CPU path)."""
+"""The steering op, torch implementation: the reference and the CPU path.
+
+Shapes: h, x, residual [tokens, hidden]; coeff [>= tokens] float32 (0 for unsteered and padded
+tokens); vid [>= tokens] int (the vector row of each token); bank [num_vectors, hidden]. Only
+the first `tokens` entries of coeff/vid are read, so persistent buffers can be passed whole.
+"""
 
 import torch
 
 
-def steer_add(h: torch.Tensor, coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Return h + coeff[t] * bank[vid[t]] for every token t.
+def _steer(coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor, n: int) -> torch.Tensor:
+    return coeff[:n, None] * bank.index_select(0, vid[:n]).float()  # [tokens, hidden] float32
 
-    h: [tokens, hidden]; coeff: [>= tokens] float32 (0 for unsteered and padded tokens);
-    vid: [>= tokens] int (vector row per token); bank: [num_vectors, hidden]. Only the first
-    `tokens` entries of coeff/vid are read, so persistent buffers can be passed whole.
-    The product is formed in float32 and rounded once into h's dtype.
-    """
-    n = h.shape[0]
-    steer = coeff[:n, None] * bank.index_select(0, vid[:n]).float()  # [tokens, hidden]
-    return h + steer.to(h.dtype)
+
+def steer_add(h: torch.Tensor, coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """h + coeff[t] * bank[vid[t]], the product formed in float32 and rounded once into h's dtype."""
+    return h + _steer(coeff, vid, bank, h.shape[0]).to(h.dtype)
+
+
+def steer_add_(h: torch.Tensor, coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor) -> None:
+    """In place: h += coeff[:, None] * bank[vid] (for places where no norm follows)."""
+    h.add_(_steer(coeff, vid, bank, h.shape[0]).to(h.dtype))
+
+
+def fused_add_rms_norm_steer(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+    coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(s) * weight, s) with s = x + residual + coeff[t] * bank[vid[t]], summed in
+    float32: vLLM's fused_add_rms_norm (vllm/ir/ops/layernorm.py) when no token is steered."""
+    dtype = x.dtype
+    s = x.float() + residual.float() + _steer(coeff, vid, bank, x.shape[0])
+    normed = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed.to(weight.dtype) * weight).to(dtype), s.to(dtype)

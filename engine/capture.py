@@ -1,28 +1,12 @@
 """Hidden-state capture through vLLM: prefill-only requests on an eager engine whose chosen
 layers record their residual-stream output at each prompt's last token (engine/model.py), read
-back from the workers with vLLM's worker-extension seam."""
+back from the workers through the worker extension (engine/worker.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
-
-class CaptureWorkerExtension:
-    """Mixed into vLLM's worker class (`worker_extension_cls`); called with collective_rpc."""
-
-    def steer_batch_take_captures(self) -> dict:
-        """{"ids": request ids, "shape": [requests, layers, hidden], "data": float32 bytes}: raw
-        bytes, because vLLM's RPC serializer passes tensors and arrays on in a form that is not
-        decoded at the other end."""
-        filler = getattr(self.model_runner, "_steer_batch_filler", None)
-        if not filler:
-            return {"ids": [], "shape": [0], "data": b""}
-        filler.flush_captures()
-        taken, filler.captured = filler.captured, {}
-        rows = np.stack([t.numpy() for t in taken.values()]) if taken else np.zeros(0, np.float32)
-        return {"ids": list(taken), "shape": list(rows.shape), "data": rows.astype(np.float32).tobytes()}
 
 
 def capture_last_token_states(model_dir: Path, prompts: list[str], layers: list[int], **engine_kwargs) -> np.ndarray:
@@ -34,7 +18,6 @@ def capture_last_token_states(model_dir: Path, prompts: list[str], layers: list[
 
     llm = make_llm(
         model_dir, enforce_eager=True, enable_prefix_caching=False,
-        worker_extension_cls=f"{__name__}.CaptureWorkerExtension",
         additional_config={"steering": {"capture": list(layers)}}, **engine_kwargs,
     )
     try:

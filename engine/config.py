@@ -6,6 +6,8 @@ Engine:  additional_config={"steering": {"vectors": {"happy": "happy.safetensors
          `layers`, so vLLM's config hash, which covers additional_config, changes with them.)
          {"steering": {"capture": [8, 9, 10]}} makes an engine that records the residual-stream
          output of those layers at each prompt's last token (engine/capture.py).
+         "steer_op": "add" (a separate add after the layer, fused by torch.compile; the CPU
+         default) or "fused" (folded into the next RMSNorm by the kernels/ op; the GPU default).
 Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}
          Flat scalar keys, so the same request works through `vllm serve` as `vllm_xargs`.
 """
@@ -22,7 +24,8 @@ CONFIG_KEY = "steering"
 VECTOR_KEY = "steering_vector"
 ALPHA_KEY = "steering_alpha"
 REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY)
-_CONFIG_FIELDS = ("vectors", "capture", "code")  # "code" is written by the front end (a hash of the steering code)
+_CONFIG_FIELDS = ("vectors", "capture", "steer_op", "code")  # "code" is written by the front end (a hash of the steering code)
+STEER_OPS = ("add", "fused")
 _VECTOR_FIELDS = ("path", "sha256", "layers")
 
 
@@ -43,6 +46,7 @@ class SteeringConfig:
 
     vectors: dict[str, VectorSpec]
     capture: tuple[int, ...] = ()
+    steer_op: str | None = None  # "add" or "fused"; None: the front end picks by device (engine/frontend.py)
 
     @property
     def names(self) -> list[str]:
@@ -64,10 +68,13 @@ class SteeringConfig:
             raise ValueError('additional_config["steering"]["vectors"] must be a non-empty dict of name -> vector file path')
         if not isinstance(capture, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in capture):
             raise ValueError(f'additional_config["steering"]["capture"] must be a list of layer indices; got {capture!r}')
-        return cls({_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()}, tuple(sorted(set(capture))))
+        steer_op = raw.get("steer_op")
+        if steer_op not in (None, *STEER_OPS):
+            raise ValueError(f'additional_config["steering"]["steer_op"]={steer_op!r}; allowed: {list(STEER_OPS)}')
+        return cls({_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()}, tuple(sorted(set(capture))), steer_op)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vectors": {name: spec.as_dict() for name, spec in self.vectors.items()}, "capture": list(self.capture)}
+        return {"vectors": {name: spec.as_dict() for name, spec in self.vectors.items()}, "capture": list(self.capture), "steer_op": self.steer_op}
 
 
 def _check_name(name: Any) -> str:

@@ -53,7 +53,8 @@ def prepare_engine_config(vllm_config) -> None:
         raise ValueError(f'additional_config["steering"]["capture"]: layers {bad} are outside 0..{hf.num_hidden_layers - 1}')
     if config.capture and not model_config.enforce_eager:
         raise ValueError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
-    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned, config.capture).to_dict(), "code": _code_hash()}
+    steer_op = config.steer_op or ("fused" if vllm_config.device_config.device_type == "cuda" else "add")
+    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned, config.capture, steer_op).to_dict(), "code": _code_hash()}
     _require_v1_runner(vllm_config)
 
 

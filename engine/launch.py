@@ -17,15 +17,19 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
 
     On CPU: fp32 (this CPU has no AVX-512 bf16; bf16 ran several times slower), 30% of memory
     for the engine, and no core reserved for the scheduler (VLLM_CPU_NUM_OF_RESERVED_CPU=0 took
-    SmolLM2 from 241 to 430 tok/s on 2 cores). Keyword arguments override any of these.
+    SmolLM2 from 241 to 430 tok/s on 2 cores). Keyword arguments override any of these. The
+    worker extension (engine/worker.py) answers `llm.collective_rpc("steer_batch_layout")` and
+    carries captured hidden states back.
     """
     from vllm import LLM
 
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         kwargs = {"dtype": "float32", "gpu_memory_utilization": 0.3, **kwargs}
-    if vectors:
-        kwargs["additional_config"] = {"steering": {"vectors": {name: str(path) for name, path in vectors.items()}}}
+    kwargs.setdefault("worker_extension_cls", "steer_batch.engine.worker.SteeringWorkerExtension")
+    if vectors:  # merged into any steering settings passed in additional_config
+        steering = kwargs.setdefault("additional_config", {}).setdefault("steering", {})
+        steering["vectors"] = {name: str(path) for name, path in vectors.items()}
     return LLM(model=str(model), **kwargs)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from vllm.config import CompilationMode
 from vllm.logger import init_logger
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -26,6 +27,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from steer_batch.engine.config import SteeringConfig, file_sha256
 from steer_batch.engine.vector import SteeringVector
+import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*)
 from steer_batch.kernels import steer_add
 
 logger = init_logger(__name__)
@@ -44,6 +46,7 @@ class SteeringState(nn.Module):
         super().__init__()
         self.index = {name: i for i, name in enumerate(names)}
         self.capture_layers = capture_layers
+        self.layout: dict[str, list[int]] = {"added": [], "folded": [], "captured": list(capture_layers)}
         self.capture_rows = torch.zeros(0, dtype=torch.long)
         self.pending: dict[int, torch.Tensor] = {}  # layer -> [len(capture_rows), hidden] float32, cpu
         self.register_buffer("coeff", torch.zeros(max_tokens, dtype=torch.float32), persistent=False)
@@ -72,9 +75,31 @@ class _SteeredLayer:
         return hidden_states, residual
 
 
+class _SteeredNorm:
+    """Mixed into the RMSNorm that consumes a steered layer's (hidden_states, residual): the
+    residual add, the steering add and the norm in one op (`steer_op="fused"`)."""
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return super().forward(x)
+        return torch.ops.steer_batch.fused_add_rms_norm_steer(
+            x, residual, self.weight, self.variance_epsilon, self.steer_coeff, self.steer_vid, self.steer_bank
+        )
+
+
 @functools.cache
-def _steered_class(layer_cls: type[nn.Module]) -> type[nn.Module]:
-    return type(f"Steered{layer_cls.__name__}", (_SteeredLayer, layer_cls), {})
+def _steered_class(cls: type[nn.Module], mixin: type = _SteeredLayer) -> type[nn.Module]:
+    return type(f"Steered{cls.__name__}", (mixin, cls), {})
+
+
+def _consumer_norm(decoder: nn.Module, i: int) -> nn.Module | None:
+    """The plain RMSNorm that receives layer i's (hidden_states, residual) first: the next
+    layer's input_layernorm, or the final norm. None where there is no such norm (Gemma's
+    norms, a pipeline-stage boundary), and layer i then adds on its own."""
+    norm = decoder.layers[i + 1].input_layernorm if i + 1 < decoder.end_layer else decoder.norm
+    if type(norm) is RMSNorm and norm.has_weight and norm.variance_size_override is None:
+        return norm
+    return None
 
 
 def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> SteeringState:
@@ -101,25 +126,35 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     with torch.device(param.device):
         state = SteeringState(list(vectors), max_tokens, tuple(i for i in config.capture if i in local))
     steered = sorted({i for v in vectors.values() for i in v.layers if i in local})
+    fused = config.steer_op == "fused" and not state.capture_layers  # capture reads the layer's own output
+    folded = []
     for i in sorted(set(steered) | set(state.capture_layers)):
         layer = decoder.layers[i]
         layer.__class__ = _steered_class(type(layer))
         layer.steer_capture = (state, i) if i in state.capture_layers else None
-        if i not in steered:
+        norm = _consumer_norm(decoder, i) if fused and i in steered else None
+        if i not in steered or norm is not None:
             layer.register_buffer("steer_bank", None, persistent=False)
+        if i not in steered:
             continue
         bank = torch.zeros(len(vectors), hf.hidden_size, dtype=torch.float32)  # [num_vectors, hidden]
         for row, v in enumerate(vectors.values()):
             if i in v.directions:
                 bank[row] = v.directions[i]
-        layer.register_buffer("steer_bank", bank.to(param.device), persistent=False)
-        layer.register_buffer("steer_coeff", state.coeff, persistent=False)
-        layer.register_buffer("steer_vid", state.vid, persistent=False)
+        target = layer
+        if norm is not None:
+            norm.__class__ = _steered_class(type(norm), _SteeredNorm)
+            target = norm
+            folded.append(i)
+        target.register_buffer("steer_bank", bank.to(param.device), persistent=False)
+        target.register_buffer("steer_coeff", state.coeff, persistent=False)
+        target.register_buffer("steer_vid", state.vid, persistent=False)
+    state.layout.update(added=[i for i in steered if i not in folded], folded=folded)
     logger.info("steer-batch: steering layers %s with vectors %s; capturing layers %s", steered, list(vectors), list(state.capture_layers))
-    # One steering op for every device for now: the torch path, which torch.compile fuses with
-    # the layer's own elementwise work. The Triton op (kernels/) replaces it on GPU only once
-    # kernels/gpu_check.py shows it beats that compiled path.
-    logger.info("steer-batch: steering op = torch path (kernels/steer.py) on %s", param.device.type)
+    logger.info("steer-batch: steering op on %s: %s", param.device.type,
+                f"fused into the next RMSNorm for layers {folded} (kernels/ops.py), a separate add for the rest"
+                if fused else "a separate add after each steered layer (kernels/steer.py), left to torch.compile to fuse")
+    return state
     return state
 
 

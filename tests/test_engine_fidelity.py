@@ -13,7 +13,14 @@ N_TOKENS = 16
 STEER = [None, ("a", 0.0), ("a", 1.0), ("a", -1.5), ("a", 2.5), ("b", -2.0)] * 4
 
 
-@pytest.fixture(scope="module", params=[(f, mode) for f in FAMILIES for mode in ("eager", "compiled")], ids=lambda p: f"{p[0]}-{p[1]}")
+# "fused": the steering add folded into the next layer's RMSNorm (the GPU default), run here
+# through the same custom op's CPU implementation.
+MODES = [(f, mode) for f in FAMILIES for mode in ("eager", "compiled")] + [
+    ("llama", "fused-eager"), ("llama", "fused-compiled"), ("qwen3", "fused-compiled"), ("gemma2", "fused-eager"),
+]
+
+
+@pytest.fixture(scope="module", params=MODES, ids=lambda p: f"{p[0]}-{p[1]}")
 def engine(request, tmp_path_factory):
     family, mode = request.param
     folder = tmp_path_factory.mktemp(family)
@@ -25,13 +32,25 @@ def engine(request, tmp_path_factory):
         paths[name] = folder / f"{name}.safetensors"
         v.save(paths[name])
     # max_num_batched_tokens 64 < the longest prompts: prefill is chunked and mixed with decodes.
-    llm = make_llm(model_dir, paths, eager=mode == "eager", max_num_batched_tokens=64)
-    yield llm, model_dir, vectors
+    steering = {"steering": {"steer_op": "fused" if mode.startswith("fused") else "add"}}
+    llm = make_llm(model_dir, paths, eager=mode.endswith("eager"), max_num_batched_tokens=64, additional_config=steering)
+    yield llm, model_dir, vectors, (family, mode)
     close_llm(llm)
 
 
+def test_steering_sits_where_the_mode_says(engine):
+    llm, _, _, (family, mode) = engine
+    layout = llm.collective_rpc("steer_batch_layout")[0]
+    # Vectors a (layers 1, 2) and b (0, 3); fused: every layer's add moves into the next RMSNorm
+    # (layer 3's into the final norm), except on Gemma, whose norms are not plain RMSNorm.
+    if mode.startswith("fused") and not family.startswith("gemma"):
+        assert layout == {"added": [], "folded": [0, 1, 2, 3], "captured": []}
+    else:
+        assert layout == {"added": [0, 1, 2, 3], "folded": [], "captured": []}
+
+
 def test_mixed_batch_matches_oracle(engine):
-    llm, model_dir, vectors = engine
+    llm, model_dir, vectors, _ = engine
     prompts = make_prompts(len(STEER), seed=0, max_len=90)
     got = generate(llm, prompts, N_TOKENS, STEER)
     want = [oracle_greedy(model_dir, p, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0) for p, s in zip(prompts, STEER)]

@@ -23,7 +23,7 @@ def test_engine_config_shapes():
     [
         ({"steering": ["a"]}, "must be a dict"),
         ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors', 'capture', 'steer_op', 'code'\]"),
-        ({"steering": {"vectors": {"a": "x"}, "steer_op": "triton"}}, r"steer_op.='triton'; allowed: \['add', 'fused'\]"),
+        ({"steering": {"vectors": {"a": "x"}, "steer_op": "triton"}}, r"\[\"steer_op\"\]='triton'; allowed: \['add', 'fused'\]"),
         ({"steering": {"capture": [1, "2"]}}, "must be a list of layer indices"),
         ({"steering": {"vectors": {}}}, "non-empty dict"),
         ({"steering": {"vectors": {"a": {"file": "x"}}}}, "must be a file path or a dict with a 'path'"),

@@ -103,8 +103,6 @@ def prepare_out(out: Path, spec: RunSpec) -> dict:
 
 def generate(out: Path, spec: RunSpec, prompts: list[str], engine_kwargs: dict | None = None, progress: bool = True) -> dict:
     """Generate every missing (prompt, alpha) row into out/generations.arrow; return the manifest."""
-    from vllm import SamplingParams
-
     from steer_batch.engine.launch import close_llm, make_llm
 
     manifest = prepare_out(out, spec)

@@ -137,10 +137,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
             layer.register_buffer("steer_bank", None, persistent=False)
         if i not in steered:
             continue
-        bank = torch.zeros(len(vectors), hf.hidden_size, dtype=torch.float32)  # [num_vectors, hidden]
-        for row, v in enumerate(vectors.values()):
-            if i in v.directions:
-                bank[row] = v.directions[i]
+        bank = torch.stack([v.directions.get(i, torch.zeros(hf.hidden_size)) for v in vectors.values()])  # [num_vectors, hidden]
         target = layer
         if norm is not None:
             norm.__class__ = _steered_class(type(norm), _SteeredNorm)
@@ -154,7 +151,6 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     logger.info("steer-batch: steering op on %s: %s", param.device.type,
                 f"fused into the next RMSNorm for layers {folded} (kernels/ops.py), a separate add for the rest"
                 if fused else "a separate add after each steered layer (kernels/steer.py), left to torch.compile to fuse")
-    return state
     return state
 
 

@@ -58,9 +58,9 @@ def _parse_layers(text: str, num_layers: int) -> list[int]:
 def _read_suffixes(path) -> list[str]:
     import json
 
-    from steer_batch.data import path as data_path
+    from steer_batch.data import REPE_BEGINNINGS, path as data_path
 
-    source = path or data_path("repe_sentence_beginnings.json")
+    source = path or data_path(REPE_BEGINNINGS)
     try:
         suffixes = json.loads(source.read_text())
     except (OSError, ValueError) as e:
@@ -204,9 +204,9 @@ def _default_vector(model_dir: Path) -> Path:
 
 
 def _read_prompts(path) -> tuple[Path, list[str]]:
-    from steer_batch.data import path as data_path
+    from steer_batch.data import REPE_BEGINNINGS, path as data_path
 
-    source = path or Path(str(data_path("repe_sentence_beginnings.json")))
+    source = path or Path(str(data_path(REPE_BEGINNINGS)))
     try:
         return source, _read_suffixes(source)
     except click.BadParameter as e:

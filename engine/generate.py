@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from steer_batch.engine.config import file_sha256
-from steer_batch.eval.arrow_stream import ArrowStream
+from steer_batch.eval.arrow_stream import ArrowStream, read_table
 
 GENERATIONS = "generations.arrow"
 MANIFEST = "manifest.json"
@@ -108,7 +108,7 @@ def generate(out: Path, spec: RunSpec, prompts: list[str], engine_kwargs: dict |
     manifest = prepare_out(out, spec)
     writer, done = ArrowStream.open(out / GENERATIONS, SCHEMA, resume=True)
     with writer:
-        done_keys = set(zip(done.column("prompt_id").to_pylist(), done.column("alpha").to_pylist()))
+        done_keys = row_keys(done)
         todo = [(pid, a) for pid in range(len(prompts)) for a in spec.alphas if (pid, _f32(a)) not in done_keys]
         if todo:
             llm = make_llm(spec.model, {VECTOR_NAME: spec.vector}, **(engine_kwargs or {}))
@@ -116,7 +116,7 @@ def generate(out: Path, spec: RunSpec, prompts: list[str], engine_kwargs: dict |
                 _stream(llm, writer, todo, prompts, spec, progress)
             finally:
                 close_llm(llm)
-    rows = len(_read_keys(out))
+    rows = len(row_keys(read_table(out / GENERATIONS)))  # what is on disk, after the writer closed
     manifest.update(rows=rows, finished=_now() if rows == manifest["expected_rows"] else None, versions=_versions())
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -128,11 +128,9 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _read_keys(out: Path) -> set[tuple[int, float]]:
-    from steer_batch.eval.arrow_stream import read_table
-
-    t = read_table(out / GENERATIONS)
-    return set(zip(t.column("prompt_id").to_pylist(), t.column("alpha").to_pylist()))
+def row_keys(table: pa.Table) -> set[tuple[int, float]]:
+    """The (prompt_id, alpha) keys of a run table (generations or sentiment)."""
+    return set(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
 
 
 def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bool) -> None:

@@ -5,9 +5,6 @@ import numpy as np
 
 
 class SteeringWorkerExtension:
-    def _steer_batch_filler(self):
-        return getattr(self.model_runner, "_steer_batch_filler", None)
-
     def steer_batch_layout(self) -> dict:
         """Where this worker steers: {"added": layers that add after themselves, "folded":
         layers whose add runs inside the next RMSNorm, "captured": captured layers}."""
@@ -18,7 +15,7 @@ class SteeringWorkerExtension:
         """{"ids": request ids, "shape": [requests, layers, hidden], "data": float32 bytes}: raw
         bytes, because vLLM's RPC serializer passes tensors and arrays on in a form that is not
         decoded at the other end."""
-        filler = self._steer_batch_filler()
+        filler = getattr(self.model_runner, "_steer_batch_filler", None)
         if not filler:
             return {"ids": [], "shape": [0], "data": b""}
         filler.flush_captures()

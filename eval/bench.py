@@ -98,12 +98,12 @@ def _hf_tok_s(model_dir: Path, vector, prompts: list[str], alphas: list[float], 
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures as JSON.")
 def bench(model_path, num_prompts, max_tokens, rounds, stock, hf, eager, json_out):
     """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks."""
-    from steer_batch.data import path as data_path
+    from steer_batch.data import sentence_beginnings
     from steer_batch.engine.default_model import default_model_dir
     from steer_batch.engine.launch import close_llm, make_llm
 
     model_dir = model_path or default_model_dir()
-    beginnings = [s for s in json.loads(data_path("repe_sentence_beginnings.json").read_text()) if s]
+    beginnings = sentence_beginnings()
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
     vector = _random_vector(model_dir)
     configs = {"unsteered": None, **{f"{k} alpha{'s' if k > 1 else ''}": k for k in DISTINCT_ALPHAS if k <= num_prompts}}
@@ -153,12 +153,12 @@ def bench_extract(model_path, method):
     """Extraction time for the 581 RepE happy/sad pairs: capture in vLLM vs the HF path."""
     from transformers import AutoConfig
 
-    from steer_batch.data import path as data_path
+    from steer_batch.data import sentence_beginnings
     from steer_batch.engine.default_model import default_model_dir
     from steer_batch.engine.extract import extract
 
     model_dir = model_path or default_model_dir()
-    suffixes = [s for s in json.loads(data_path("repe_sentence_beginnings.json").read_text()) if s]
+    suffixes = sentence_beginnings()
     layers = list(range(AutoConfig.from_pretrained(model_dir).num_hidden_layers))
     seconds, vectors = {}, {}
     for capture in ("vllm", "hf"):

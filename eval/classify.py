@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from steer_batch.engine.generate import GENERATIONS, row_keys
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 
 CARDIFF = "cardiffnlp/twitter-roberta-base-sentiment-latest"
@@ -99,14 +100,14 @@ def load_scorer(name: str | None) -> tuple[str, Scorer]:
 def classify(out: Path, classifier: str | None = None, batch: int = 256) -> str:
     """Score every row of out/generations.arrow not yet in out/sentiment.arrow; returns the
     classifier used. A run folder is classified by one classifier: another one is refused."""
-    generations = read_table(out / "generations.arrow")
+    generations = read_table(out / GENERATIONS)
     writer, done = ArrowStream.open(out / SENTIMENT, SCHEMA, resume=True)
     with writer:
         used = set(done.column("classifier").to_pylist())
         name, scorer = load_scorer(classifier or (next(iter(used)) if used else None))
         if used and used != {name}:
             raise ValueError(f"{out / SENTIMENT} was made with {sorted(used)}; move it away to classify with {name}")
-        done_keys = set(zip(done.column("prompt_id").to_pylist(), done.column("alpha").to_pylist()))
+        done_keys = row_keys(done)
         rows = [r for r in generations.select(["prompt_id", "alpha", "text"]).to_pylist() if (r["prompt_id"], r["alpha"]) not in done_keys]
         for lo in range(0, len(rows), batch):
             chunk = rows[lo : lo + batch]

@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from steer_batch.engine.generate import GENERATIONS, MANIFEST
 from steer_batch.eval.arrow_stream import read_table
+from steer_batch.eval.classify import SENTIMENT
 
 CLASSES = ("p_negative", "p_neutral", "p_positive")
 SUMMARY = "summary.arrow"
@@ -37,8 +39,8 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]
 
 
 def summarize(out: Path) -> pa.Table:
-    sentiment = read_table(out / "sentiment.arrow")
-    generations = read_table(out / "generations.arrow")
+    sentiment = read_table(out / SENTIMENT)
+    generations = read_table(out / GENERATIONS)
     reps = pa.array([repetition(t) for t in generations.column("token_ids").to_pylist()], pa.float64())
     # Arrow joins cannot carry list columns: join the per-text repetition instead of token_ids.
     joined = sentiment.join(generations.select(["prompt_id", "alpha"]).append_column("repetition", reps), keys=["prompt_id", "alpha"])
@@ -85,7 +87,7 @@ def report(out: Path) -> pa.Table:
     summary = summarize(out)
     with pa.OSFile(str(out / SUMMARY), "wb") as sink, pa.ipc.new_stream(sink, summary.schema) as writer:
         writer.write_table(summary)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     spec = manifest["spec"]
     classifier = ",".join(sorted(set(summary.column("classifier").to_pylist())))
     title = f"{Path(spec['model']).name}, {classifier}, {spec['num_prompts']} prompts per alpha\n{Path(spec['vector']).name}"

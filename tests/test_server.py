@@ -13,9 +13,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from transformers import AutoTokenizer
-
 from helpers import make_model, make_vector, oracle_greedy
+from transformers import AutoTokenizer
 
 N_TOKENS = 12
 PROMPTS = ["The weather today", "I told her that", "Our team", "Well,", "After the meeting we", "It is"]
@@ -47,32 +46,35 @@ def server(setup):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enforce-eager",
                "--max-model-len", "512", "--seed", "0", "--additional-config", json.dumps(steering)]
-    log = open(folder / "server.log", "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{(folder / 'server.log').read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not answer /health in 600 s:\n{(folder / 'server.log').read_text()[-4000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        process.terminate()
+    with open(folder / "server.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+            _wait_until_healthy(url, process, folder / "server.log")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_until_healthy(url: str, process: subprocess.Popen, log) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server did not answer /health in 600 s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
 
 
 def _complete(url: str, model_dir, prompt: str, xargs: dict | None) -> tuple[int, dict]:

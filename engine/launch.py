@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+PLUGIN_NAME = "steer_batch"  # the entry point's name in pyproject.toml
+WORKER_EXTENSION = "steer_batch.engine.worker.SteeringWorkerExtension"
+
 
 def on_cpu() -> bool:
     import torch
@@ -26,11 +29,44 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         kwargs = {"dtype": "float32", "gpu_memory_utilization": 0.3, **kwargs}
-    kwargs.setdefault("worker_extension_cls", "steer_batch.engine.worker.SteeringWorkerExtension")
+    kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
     if vectors:  # merged into any steering settings passed in additional_config
         steering = kwargs.setdefault("additional_config", {}).setdefault("steering", {})
         steering["vectors"] = {name: str(path) for name, path in vectors.items()}
-    return LLM(model=str(model), **kwargs)
+    asks_steering = "steering" in (kwargs.get("additional_config") or {})
+    if asks_steering:
+        check_plugin_allowed()
+    llm = LLM(model=str(model), **kwargs)
+    if asks_steering and kwargs["worker_extension_cls"] == WORKER_EXTENSION:
+        try:
+            require_steering(llm)
+        except RuntimeError:
+            close_llm(llm)
+            raise
+    return llm
+
+
+def check_plugin_allowed() -> None:
+    """vLLM loads only the plugins named in VLLM_PLUGINS when it is set, and an engine without
+    ours would ignore `additional_config["steering"]` and run unsteered."""
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        raise RuntimeError(
+            f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME!r}, so vLLM would start without steering; "
+            f"add it (VLLM_PLUGINS={allowed},{PLUGIN_NAME}) or unset VLLM_PLUGINS"
+        )
+
+
+def require_steering(llm) -> None:
+    """Raise unless every worker of `llm` runs a model with steering installed (the plugin can
+    be left out of a process without an error: vLLM only logs a plugin that fails to load)."""
+    layouts = llm.collective_rpc("steer_batch_layout")
+    if not all(any(layout.values()) for layout in layouts):
+        raise RuntimeError(
+            f"steering was asked for but is not installed in the engine (worker layouts: {layouts}); "
+            f"check that the {PLUGIN_NAME!r} plugin loads (vLLM's log says 'Failed to load plugin' "
+            "when it does not) and that VLLM_PLUGINS, if set, names it"
+        )
 
 
 def close_llm(llm) -> None:

@@ -11,6 +11,7 @@ from vllm.exceptions import VLLMValidationError
 
 from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
 from steer_batch import SteeringVector
+from steer_batch.engine import launch
 
 N_TOKENS = 16
 
@@ -35,15 +36,19 @@ def llm(setup):
 
 
 @pytest.fixture(scope="module")
-def stock_tokens(setup):
-    """Greedy tokens of a stock engine (no `steering` key: the installed plugin stays inert)."""
+def stock(setup):
+    """A stock engine (no `steering` key: the installed plugin stays inert)."""
     _, model_dir, _, _ = setup
-    prompts = make_prompts(12, seed=3)
     stock = make_llm(model_dir, max_num_batched_tokens=64)
-    try:
-        return prompts, generate(stock, prompts, N_TOKENS, [None] * len(prompts))
-    finally:
-        close_llm(stock)
+    yield stock
+    close_llm(stock)
+
+
+@pytest.fixture(scope="module")
+def stock_tokens(stock):
+    """Greedy tokens of the stock engine."""
+    prompts = make_prompts(12, seed=3)
+    return prompts, generate(stock, prompts, N_TOKENS, [None] * len(prompts))
 
 
 def test_stock_engine_matches_oracle(setup, stock_tokens):
@@ -193,3 +198,16 @@ def test_compile_cache_key_follows_the_steered_layers(setup, tmp_path):
     make_vector(model_dir, [0, 3], seed=1).save(path)
     assert _config_hash(model_dir, {"v": path}) != first
     assert _config_hash(model_dir, None) != first
+
+
+def test_steering_left_out_of_vllm_plugins_is_refused_before_start(setup, monkeypatch):
+    _, model_dir, _, paths = setup
+    monkeypatch.setenv("VLLM_PLUGINS", "some_other_plugin")
+    with pytest.raises(RuntimeError, match=r"VLLM_PLUGINS='some_other_plugin' leaves out 'steer_batch'.*VLLM_PLUGINS=some_other_plugin,steer_batch"):
+        make_llm(model_dir, paths)
+
+
+def test_an_engine_without_steering_installed_fails_the_start_up_check(llm, stock):
+    launch.require_steering(llm)  # the steering engine passes
+    with pytest.raises(RuntimeError, match="steering was asked for but is not installed"):
+        launch.require_steering(stock)  # what a process that did not load the plugin looks like

@@ -13,8 +13,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import make_model, make_vector, oracle_greedy
 from transformers import AutoTokenizer
+
+from helpers import make_model, make_vector, oracle_greedy
 
 N_TOKENS = 12
 PROMPTS = ["The weather today", "I told her that", "Our team", "Well,", "After the meeting we", "It is"]

@@ -75,20 +75,24 @@ def test_report_numbers_match_a_recomputation(finished):
     assert (finished / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _cut_after(out, rows, kept):
+    """Leave `out`'s generations as a writer killed mid-write would: `kept` whole rows, then half
+    of the next batch's bytes."""
+    path = out / "generations.arrow"
+    with ArrowStream.open(path, generate.SCHEMA)[0] as writer:
+        writer.write(rows[:kept])
+        writer.write(rows[kept:kept + 5])
+    last = pa.RecordBatch.from_pylist(rows[kept:kept + 5], schema=generate.SCHEMA).serialize().size
+    path.write_bytes(path.read_bytes()[: -8 - last // 2])  # 8 = the end-of-stream marker
+
+
 def test_resume_after_a_kill_completes_without_duplicates(setup, finished, tmp_path):
     import shutil
 
     out = tmp_path / "r"
     shutil.copytree(finished, out)
     (out / "sentiment.arrow").unlink()
-    # A writer killed mid-write: 7 rows in whole batches, then half of the next batch's bytes.
-    rows = read_table(finished / "generations.arrow").to_pylist()
-    path = out / "generations.arrow"
-    with ArrowStream.open(path, generate.SCHEMA)[0] as writer:
-        for part in (rows[:4], rows[4:7], rows[7:12]):
-            writer.write(part)
-    last = pa.RecordBatch.from_pylist(rows[7:12], schema=generate.SCHEMA).serialize().size
-    path.write_bytes(path.read_bytes()[: -8 - last // 2])  # 8 = the end-of-stream marker
+    _cut_after(out, read_table(finished / "generations.arrow").to_pylist(), 7)
     kept = read_table(out / "generations.arrow")
     assert kept.num_rows == 7
     result = _run(setup, out)  # the same command again resumes
@@ -99,6 +103,27 @@ def test_resume_after_a_kill_completes_without_duplicates(setup, finished, tmp_p
     assert table.slice(0, kept.num_rows).equals(kept)  # what was written before the kill is untouched
     before = {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in read_table(finished / "generations.arrow").to_pylist()}
     assert all(before[(r["prompt_id"], r["alpha"])] == r["token_ids"] for r in table.to_pylist())  # greedy: same texts
+
+
+def test_a_sampled_run_is_reproducible_across_a_resume(setup, finished, tmp_path):
+    import shutil
+
+    sampled = ["--temperature", "2.0", "--top-p", "0.95", "--seed", "7", "--no-eval"]
+    first = tmp_path / "first"
+    assert _run(setup, first, *sampled).exit_code == 0
+    rows = read_table(first / "generations.arrow").to_pylist()
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["spec"]["sampling"] == {"max_tokens": 6, "temperature": 2.0, "top_p": 0.95, "seed": 7}
+    greedy = {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in read_table(finished / "generations.arrow").to_pylist()}
+    assert sum(greedy[(r["prompt_id"], r["alpha"])] != r["token_ids"] for r in rows) >= 6  # it did sample
+
+    again = tmp_path / "again"
+    shutil.copytree(first, again)
+    _cut_after(again, rows, 5)
+    assert _run(setup, again, *sampled).exit_code == 0  # resumes the 13 missing rows in another batch
+    want = {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in rows}
+    table = read_table(again / "generations.arrow").to_pylist()
+    assert len(table) == 18 and all(want[(r["prompt_id"], r["alpha"])] == r["token_ids"] for r in table)
 
 
 def test_a_finished_run_is_not_overwritten(setup, finished):

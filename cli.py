@@ -223,7 +223,7 @@ def _read_prompts(path) -> tuple[Path, list[str]]:
 @click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--seed", default=0, show_default=True, help="Request k gets seed + k.")
+@click.option("--seed", default=0, show_default=True, help="The request for prompt p and the j-th alpha gets seed + p * len(alphas) + j.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder (default: runs/<model>-<vector or 'happy'>-a<alphas>). The same command resumes it.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

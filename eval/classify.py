@@ -101,12 +101,13 @@ def classify(out: Path, classifier: str | None = None, batch: int = 256) -> str:
     """Score every row of out/generations.arrow not yet in out/sentiment.arrow; returns the
     classifier used. A run folder is classified by one classifier: another one is refused."""
     generations = read_table(out / GENERATIONS)
-    writer, done = ArrowStream.open(out / SENTIMENT, SCHEMA, resume=True)
+    path = out / SENTIMENT
+    used = set(read_table(path).column("classifier").to_pylist()) if path.exists() else set()
+    name, scorer = load_scorer(classifier or (next(iter(used)) if used else None))
+    if used and used != {name}:
+        raise ValueError(f"{path} was made with {sorted(used)}; move it away to classify with {name}")
+    writer, done = ArrowStream.open(path, SCHEMA, resume=True)
     with writer:
-        used = set(done.column("classifier").to_pylist())
-        name, scorer = load_scorer(classifier or (next(iter(used)) if used else None))
-        if used and used != {name}:
-            raise ValueError(f"{out / SENTIMENT} was made with {sorted(used)}; move it away to classify with {name}")
         done_keys = row_keys(done)
         rows = [r for r in generations.select(["prompt_id", "alpha", "text"]).to_pylist() if (r["prompt_id"], r["alpha"]) not in done_keys]
         for lo in range(0, len(rows), batch):

@@ -78,12 +78,17 @@ def test_cardiff_path_scores_like_each_text_alone(tmp_path):
         spread.append(max(probs) - min(probs))
     assert max(spread) > 0.05  # the stand-in's classes differ enough that a column swap shows
 
+    before = (out / "sentiment.arrow").read_bytes()
+    other = _classify(out, tmp_path / "hub", "--classifier", VADER)  # one classifier per run folder
+    assert other.returncode == 1 and f"was made with ['{CARDIFF}']; move it away to classify with vader" in other.stderr
+    assert (out / "sentiment.arrow").read_bytes() == before
+
 
 def test_without_the_model_it_falls_back_to_vader_and_says_so(tmp_path):
     out = _run_folder(tmp_path)
     asked = _classify(out, tmp_path / "empty", "--classifier", CARDIFF)
     assert asked.returncode == 1 and f"cannot load {CARDIFF}" in asked.stderr and "--classifier vader" in asked.stderr
-    assert not (out / "sentiment.arrow").exists() or read_table(out / "sentiment.arrow").num_rows == 0
+    assert not (out / "sentiment.arrow").exists()
     done = _classify(out, tmp_path / "empty")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{CARDIFF} cannot be loaded" in done.stderr and f"falling back to {VADER}" in done.stderr

@@ -75,6 +75,11 @@ def test_report_numbers_match_a_recomputation(finished):
     assert (finished / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _tokens(rows: list[dict]) -> dict[tuple[int, float], list[int]]:
+    """(prompt_id, alpha) -> token ids of a run table's rows."""
+    return {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in rows}
+
+
 def _cut_after(out, rows, kept):
     """Leave `out`'s generations as a writer killed mid-write would: `kept` whole rows, then half
     of the next batch's bytes."""
@@ -101,8 +106,7 @@ def test_resume_after_a_kill_completes_without_duplicates(setup, finished, tmp_p
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
     assert len(keys) == len(set(keys)) == 18
     assert table.slice(0, kept.num_rows).equals(kept)  # what was written before the kill is untouched
-    before = {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in read_table(finished / "generations.arrow").to_pylist()}
-    assert all(before[(r["prompt_id"], r["alpha"])] == r["token_ids"] for r in table.to_pylist())  # greedy: same texts
+    assert _tokens(table.to_pylist()) == _tokens(read_table(finished / "generations.arrow").to_pylist())  # greedy: same texts
 
 
 def test_a_sampled_run_is_reproducible_across_a_resume(setup, finished, tmp_path):
@@ -114,16 +118,15 @@ def test_a_sampled_run_is_reproducible_across_a_resume(setup, finished, tmp_path
     rows = read_table(first / "generations.arrow").to_pylist()
     manifest = json.loads((first / "manifest.json").read_text())
     assert manifest["spec"]["sampling"] == {"max_tokens": 6, "temperature": 2.0, "top_p": 0.95, "seed": 7}
-    greedy = {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in read_table(finished / "generations.arrow").to_pylist()}
-    assert sum(greedy[(r["prompt_id"], r["alpha"])] != r["token_ids"] for r in rows) >= 6  # it did sample
+    greedy, first_tokens = _tokens(read_table(finished / "generations.arrow").to_pylist()), _tokens(rows)
+    assert sum(greedy[key] != tokens for key, tokens in first_tokens.items()) >= 6  # it did sample
 
     again = tmp_path / "again"
     shutil.copytree(first, again)
     _cut_after(again, rows, 5)
     assert _run(setup, again, *sampled).exit_code == 0  # resumes the 13 missing rows in another batch
-    want = {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in rows}
     table = read_table(again / "generations.arrow").to_pylist()
-    assert len(table) == 18 and all(want[(r["prompt_id"], r["alpha"])] == r["token_ids"] for r in table)
+    assert len(table) == 18 and _tokens(table) == first_tokens
 
 
 def test_a_finished_run_is_not_overwritten(setup, finished):

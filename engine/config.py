@@ -8,6 +8,7 @@ Engine:  additional_config={"steering": {"vectors": {"happy": "happy.safetensors
          output of those layers at each prompt's last token (engine/capture.py).
          "steer_op": "add" (a separate add after the layer, fused by torch.compile; the CPU
          default) or "fused" (folded into the next RMSNorm by the kernels/ op; the GPU default).
+         "max_abs_alpha": the largest |steering_alpha| a request may ask for (DEFAULT_MAX_ABS_ALPHA).
 Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}
          Flat scalar keys, so the same request works through `vllm serve` as `vllm_xargs`.
 """
@@ -21,12 +22,17 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_KEY = "steering"
+REQUEST_PREFIX = "steering_"
 VECTOR_KEY = "steering_vector"
 ALPHA_KEY = "steering_alpha"
 REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY)
-_CONFIG_FIELDS = ("vectors", "capture", "steer_op", "code")  # "code" is written by the front end (a hash of the steering code)
+_CONFIG_FIELDS = ("vectors", "capture", "steer_op", "max_abs_alpha", "code")  # "code" is written by the front end (a hash of the steering code)
 STEER_OPS = ("add", "fused")
 _VECTOR_FIELDS = ("path", "sha256", "layers")
+# Useful strengths are far below this: mean-difference vectors degrade text from |alpha| ~ 2, and
+# unit-norm PCA directions need about the model's mean-difference norm (1 to a few hundred on
+# common models). Above it a request is a typo (1e6 for 1e-6) or an attack, and is refused.
+DEFAULT_MAX_ABS_ALPHA = 1000.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class SteeringConfig:
     vectors: dict[str, VectorSpec]
     capture: tuple[int, ...] = ()
     steer_op: str | None = None  # "add" or "fused"; None: the front end picks by device (engine/frontend.py)
+    max_abs_alpha: float = DEFAULT_MAX_ABS_ALPHA
 
     @property
     def names(self) -> list[str]:
@@ -71,10 +78,16 @@ class SteeringConfig:
         steer_op = raw.get("steer_op")
         if steer_op not in (None, *STEER_OPS):
             raise ValueError(f'additional_config["steering"]["steer_op"]={steer_op!r}; allowed: {list(STEER_OPS)}')
-        return cls({_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()}, tuple(sorted(set(capture))), steer_op)
+        max_abs_alpha = raw.get("max_abs_alpha", DEFAULT_MAX_ABS_ALPHA)
+        if isinstance(max_abs_alpha, bool) or not isinstance(max_abs_alpha, (int, float)) or not 0 < max_abs_alpha < math.inf:
+            raise ValueError(f'additional_config["steering"]["max_abs_alpha"]={max_abs_alpha!r}; expected a finite number > 0 '
+                             f"(default {DEFAULT_MAX_ABS_ALPHA:g})")
+        vectors = {_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()}
+        return cls(vectors, tuple(sorted(set(capture))), steer_op, float(max_abs_alpha))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vectors": {name: spec.as_dict() for name, spec in self.vectors.items()}, "capture": list(self.capture), "steer_op": self.steer_op}
+        return {"vectors": {name: spec.as_dict() for name, spec in self.vectors.items()}, "capture": list(self.capture),
+                "steer_op": self.steer_op, "max_abs_alpha": self.max_abs_alpha}
 
 
 def _check_name(name: Any) -> str:
@@ -115,7 +128,7 @@ class SteeringRequestError(ValueError):
 def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | None) -> tuple[str, float] | None:
     """(vector name, alpha) for a steered request; None when it is stock vLLM (no steering_*
     keys, or alpha 0). Raises SteeringRequestError naming the field and what is allowed."""
-    args = {k: v for k, v in (extra_args or {}).items() if k.startswith("steering_")}
+    args = {k: v for k, v in (extra_args or {}).items() if k.startswith(REQUEST_PREFIX)}
     if not args:
         return None
     unknown = sorted(set(args) - set(REQUEST_KEYS))
@@ -135,4 +148,9 @@ def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | No
         raise SteeringRequestError(f"{VECTOR_KEY}={name!r} is not a vector of this engine; allowed: {config.names}", VECTOR_KEY)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise SteeringRequestError(f"{ALPHA_KEY}={alpha!r} must be a finite number (int or float)", ALPHA_KEY)
+    if abs(alpha) > config.max_abs_alpha:
+        bound = f"{config.max_abs_alpha:g}"
+        raise SteeringRequestError(
+            f"{ALPHA_KEY}={alpha!r} is outside [-{bound}, {bound}], this engine's max_abs_alpha; "
+            'start the engine with a larger additional_config["steering"]["max_abs_alpha"] if you mean it', ALPHA_KEY)
     return (name, float(alpha)) if alpha != 0 else None

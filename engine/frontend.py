@@ -1,16 +1,16 @@
-"""The front-end process: check the engine's vectors before anything starts, and check every
+"""The front-end process: check the engine's vectors before anything starts, check every
 request before it reaches the engine core (an exception in the core or the model runner would
-kill the engine for everyone)."""
+kill the engine for everyone), and finish a request whose logits turned NaN with an error.
+engine/hooks.py calls these from its wraps of vLLM."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from vllm.engine.arg_utils import EngineArgs
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
-from vllm.v1.engine.input_processor import InputProcessor
+from vllm.v1.engine import FinishReason
 
 from steer_batch.engine.config import CONFIG_KEY, SteeringConfig, SteeringRequestError, VectorSpec, file_sha256, parse_request
 from steer_batch.engine.vector import SteeringVector
@@ -54,7 +54,7 @@ def prepare_engine_config(vllm_config) -> None:
     if config.capture and not model_config.enforce_eager:
         raise ValueError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
     steer_op = config.steer_op or ("fused" if vllm_config.device_config.device_type == "cuda" else "add")
-    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned, config.capture, steer_op).to_dict(), "code": _code_hash()}
+    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned, config.capture, steer_op, config.max_abs_alpha).to_dict(), "code": _code_hash()}
     _require_v1_runner(vllm_config)
 
 
@@ -84,9 +84,14 @@ def _require_v1_runner(vllm_config) -> None:
     assert not vllm_config.use_v2_model_runner
 
 
-def request_salt(extra_args, config: SteeringConfig | None) -> str | None:
-    """The prefix-cache salt of a request: None for unsteered ones (alpha 0 included), so those
-    share KV blocks with stock traffic; distinct for every (vector file, alpha)."""
+def request_salt(processor, params) -> str | None:
+    """Validate a request's steering_* keys (VLLMValidationError naming the field) and return its
+    prefix-cache salt: None for unsteered requests (alpha 0 included), so those share KV blocks
+    with stock traffic; distinct for every (vector file, alpha)."""
+    if not hasattr(processor, "_steer_batch_config"):
+        processor._steer_batch_config = SteeringConfig.from_additional_config(processor.vllm_config.additional_config)
+    config = processor._steer_batch_config
+    extra_args = getattr(params, "extra_args", None)
     try:
         steer = parse_request(extra_args, config)
     except SteeringRequestError as e:
@@ -97,27 +102,19 @@ def request_salt(extra_args, config: SteeringConfig | None) -> str | None:
     return f"steer-batch:{name}:{config.vectors[name].sha256}:{alpha!r}"
 
 
-def install_frontend_hooks() -> None:
-    """Wrap EngineArgs.create_engine_config and InputProcessor.process_inputs, once per process."""
-    if getattr(EngineArgs.create_engine_config, "_steer_batch", False):
-        return
-    create_engine_config = EngineArgs.create_engine_config
-    process_inputs = InputProcessor.process_inputs
-
-    def _create_engine_config(self, *args, **kwargs):
-        vllm_config = create_engine_config(self, *args, **kwargs)
-        prepare_engine_config(vllm_config)
-        return vllm_config
-
-    def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        if not hasattr(self, "_steer_batch_config"):
-            self._steer_batch_config = SteeringConfig.from_additional_config(self.vllm_config.additional_config)
-        salt = request_salt(getattr(params, "extra_args", None), self._steer_batch_config)
-        request = process_inputs(self, request_id, prompt, params, *args, **kwargs)
-        if salt is not None:
-            request.cache_salt = salt if request.cache_salt is None else f"{salt}|{request.cache_salt}"
-        return request
-
-    _create_engine_config._steer_batch = True
-    EngineArgs.create_engine_config = _create_engine_config
-    InputProcessor.process_inputs = _process_inputs
+def fail_non_finite(processor, outputs) -> list[str]:
+    """Requests whose logits held NaN this step (vLLM's per-request count): their step output
+    becomes an error finish without its garbage tokens. Returns the ids the engine core still
+    runs, which must be aborted there."""
+    running = []
+    for output in outputs:
+        if not output.num_nans_in_logits or output.finish_reason == FinishReason.ERROR or output.request_id not in processor.request_states:
+            continue
+        logger.warning("steer-batch: request %s: %d NaN values in its logits (its hidden states overflowed); "
+                       "finished with an error instead of returning them as text",
+                       processor.request_states[output.request_id].external_req_id, output.num_nans_in_logits)
+        if output.finish_reason is None:
+            running.append(output.request_id)
+        output.new_token_ids, output.new_logprobs = [], None
+        output.finish_reason, output.stop_reason = FinishReason.ERROR, None
+    return running

@@ -12,6 +12,7 @@ a batch holds.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*
 from steer_batch.kernels import steer_add
 
 logger = init_logger(__name__)
+NAN_COUNT_VARIABLE = "VLLM_COMPUTE_NANS_IN_LOGITS"
 
 
 class SteeringState(nn.Module):
@@ -117,6 +119,12 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
             raise ValueError(f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs)")
         vectors[name] = SteeringVector.load_for_model(name, spec.path, hf.hidden_size, hf.num_hidden_layers)
 
+    # vLLM's own per-request count of NaN logits (kept on the device under async scheduling),
+    # which engine/frontend.py turns into an error finish. Set here, in the worker process while
+    # the model is built, before vLLM freezes its environment: only this engine counts.
+    if os.environ.setdefault(NAN_COUNT_VARIABLE, "1") != "1":
+        logger.warning("steer-batch: %s=%s: a request whose states turn NaN returns its tokens as a normal completion",
+                       NAN_COUNT_VARIABLE, os.environ[NAN_COUNT_VARIABLE])
     if config.capture and vllm_config.compilation_config.mode != CompilationMode.NONE:
         raise ValueError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
     sched = vllm_config.scheduler_config

@@ -9,12 +9,11 @@ every real import happens inside `register()`, where a failure is loud.
 def register() -> None:
     from vllm import ModelRegistry
 
-    from steer_batch.engine.frontend import SUPPORTED_ARCHITECTURES, install_frontend_hooks
-    from steer_batch.engine.runner import install_runner_hook
+    from steer_batch.engine import hooks
+    from steer_batch.engine.frontend import SUPPORTED_ARCHITECTURES
 
     for arch, cls in SUPPORTED_ARCHITECTURES.items():
         # A lazy "module:Class" reference: the model module is imported where the model is built.
         # Registering again (the plugin runs more than once) just replaces the same entry.
         ModelRegistry.register_model(arch, f"steer_batch.engine.model:{cls}")
-    install_frontend_hooks()
-    install_runner_hook()
+    hooks.install()

@@ -1,5 +1,6 @@
 """Fill the per-token steering buffers from the scheduled requests, once per step, before the
-forward: a hook after V1's `GPUModelRunner._prepare_inputs` (inherited by the CPU runner)."""
+forward: called after V1's `GPUModelRunner._prepare_inputs` (inherited by the CPU runner) by
+engine/hooks.py."""
 
 from __future__ import annotations
 
@@ -82,33 +83,31 @@ class StepFiller:
         self.filled = n
 
 
-def _filler(runner: GPUModelRunner) -> StepFiller | None:
+def fill_step(runner: GPUModelRunner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
+    """After `_prepare_inputs`, before the forward (engine/hooks.py): fill this step's buffers."""
     filler = getattr(runner, "_steer_batch_filler", False)
     if filler is False:  # first step: resolve once whether this engine steers
-        state = getattr(runner.get_model(), "steering", None)
-        config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
-        if config is not None and not isinstance(state, SteeringState):
-            raise RuntimeError(
-                f"steering was asked for, but model {type(runner.get_model()).__name__} has no steering "
-                "installed: its architecture is not one steer-batch supports, or the plugin did not load"
-            )
-        filler = StepFiller(runner, state) if config is not None else None
-        runner._steer_batch_filler = filler
-    return filler
+        filler = runner._steer_batch_filler = _make_filler(runner, scheduler_output)
+    if filler is not None:
+        filler.fill(runner, num_scheduled_tokens)
 
 
-def install_runner_hook() -> None:
-    """Wrap GPUModelRunner._prepare_inputs once per process (the plugin may run many times)."""
-    original = GPUModelRunner._prepare_inputs
-    if getattr(original, "_steer_batch", False):
-        return
-
-    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        out = original(self, scheduler_output, num_scheduled_tokens)
-        filler = _filler(self)
-        if filler is not None:
-            filler.fill(self, num_scheduled_tokens)
-        return out
-
-    _prepare_inputs._steer_batch = True
-    GPUModelRunner._prepare_inputs = _prepare_inputs
+def _make_filler(runner: GPUModelRunner, scheduler_output) -> StepFiller | None:
+    state = getattr(runner.get_model(), "steering", None)
+    config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
+    if config is None:
+        return None
+    if not isinstance(state, SteeringState):
+        raise RuntimeError(
+            f"steering was asked for, but model {type(runner.get_model()).__name__} has no steering "
+            "installed: its architecture is not one steer-batch supports, or the plugin did not load"
+        )
+    # The scheduler of a steering engine asks for freshly allocated KV blocks to be zeroed
+    # (engine/hooks.py). The CPU runner zeroes them as they come; the GPU runner only once its
+    # zeroer exists, which vLLM builds at start-up for Mamba or mixed-precision caches alone:
+    # build it now, and zero this first step's blocks, which its _update_states passed over.
+    if runner.device.type == "cuda" and not hasattr(runner, "_kv_block_zeroer"):
+        runner._init_kv_zero_meta()
+        if scheduler_output.new_block_ids_to_zero:
+            runner._zero_block_ids(scheduler_output.new_block_ids_to_zero)
+    return StepFiller(runner, state)

@@ -25,20 +25,3 @@ def _(x, residual, weight, eps, coeff, vid, bank):
 @fused_add_rms_norm_steer.register_fake
 def _(x, residual, weight, eps, coeff, vid, bank):
     return torch.empty_like(x), torch.empty_like(residual)
-
-
-@torch.library.custom_op("steer_batch::steer_add_", mutates_args=("h",))
-def steer_add_(h: torch.Tensor, coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor) -> None:
-    steer.steer_add_(h, coeff, vid, bank)
-
-
-@steer_add_.register_kernel("cuda")
-def _(h, coeff, vid, bank):
-    from . import triton_steer
-
-    triton_steer.steer_add_(h, coeff, vid, bank)
-
-
-@steer_add_.register_fake
-def _(h, coeff, vid, bank):
-    return None

@@ -1,7 +1,7 @@
 """The steering op in Triton (GPU; also runs under TRITON_INTERPRET=1 on CPU for tests).
 
 One program per token row. A row whose coeff is 0 never reads the bank, so unsteered tokens
-cost exactly what vLLM's fused add+RMSNorm costs.
+cost exactly what vLLM's fused add+RMSNorm costs. Same arithmetic as kernels/steer.py.
 """
 
 import torch
@@ -10,23 +10,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _steer_add_kernel(h_ptr, coeff_ptr, vid_ptr, bank_ptr, hidden, stride_h, stride_b, BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    c = tl.load(coeff_ptr + t)
-    if c != 0.0:
-        row = tl.load(vid_ptr + t).to(tl.int64)
-        for start in range(0, hidden, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < hidden
-            h = tl.load(h_ptr + t * stride_h + cols, mask=mask)
-            b = tl.load(bank_ptr + row * stride_b + cols, mask=mask).to(tl.float32)
-            tl.store(h_ptr + t * stride_h + cols, (h.to(tl.float32) + c * b).to(h.dtype), mask=mask)
-
-
-@triton.jit
 def _fused_add_rms_norm_steer_kernel(
     x_ptr, res_ptr, w_ptr, coeff_ptr, vid_ptr, bank_ptr, out_ptr, res_out_ptr,
-    hidden, eps, stride_x, stride_r, stride_o, stride_ro, stride_b, BLOCK: tl.constexpr,
+    hidden, eps, limit, stride_x, stride_r, stride_o, stride_ro, stride_b, BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -38,6 +24,8 @@ def _fused_add_rms_norm_steer_kernel(
     steered = (tl.zeros([BLOCK], dtype=tl.float32) + c) != 0.0  # the bank is not read for unsteered rows
     b = tl.load(bank_ptr + row * stride_b + cols, mask=mask & steered, other=0.0).to(tl.float32)
     s = s + c * b
+    # Clamped into the output dtype's finite range (`limit`); comparisons keep a NaN as it is.
+    s = tl.where(s > limit, limit, tl.where(s < -limit, -limit, s))
     tl.store(res_out_ptr + t * stride_ro + cols, s.to(x.dtype), mask=mask)
     rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / hidden + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
@@ -52,15 +40,6 @@ def _check(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dimension")
 
 
-def steer_add_(h: torch.Tensor, coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor) -> None:
-    """In place: h += coeff[:, None] * bank[vid]."""
-    _check("h", h)
-    n, hidden = h.shape
-    if n:
-        block = min(triton.next_power_of_2(hidden), 4096)
-        _steer_add_kernel[(n,)](h, coeff, vid, bank, hidden, h.stride(0), bank.stride(0), BLOCK=block, num_warps=4)
-
-
 def fused_add_rms_norm_steer(x, residual, weight, eps, coeff, vid, bank, out=None, residual_out=None):
     """(out, residual_out) as kernels.steer.fused_add_rms_norm_steer; pass out=x,
     residual_out=residual for vLLM's in-place form."""
@@ -72,7 +51,7 @@ def fused_add_rms_norm_steer(x, residual, weight, eps, coeff, vid, bank, out=Non
     if n:
         block = triton.next_power_of_2(hidden)
         _fused_add_rms_norm_steer_kernel[(n,)](
-            x, residual, weight, coeff, vid, bank, out, residual_out, hidden, eps,
+            x, residual, weight, coeff, vid, bank, out, residual_out, hidden, eps, torch.finfo(x.dtype).max,
             x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0), bank.stride(0),
             BLOCK=block, num_warps=min(max(block // 256, 1), 16),
         )

@@ -27,10 +27,16 @@ def setup(tmp_path_factory):
     return folder, model_dir, vectors, paths
 
 
+# The bound raised to the largest float32 range so that requests whose states overflow reach
+# the engine (the default, 1000, refuses them in the front end).
+MAX_ABS_ALPHA = 3e38
+
+
 @pytest.fixture(scope="module")
 def llm(setup):
     _, model_dir, _, paths = setup
-    llm = make_llm(model_dir, paths, max_num_batched_tokens=64, enable_prefix_caching=True)
+    llm = make_llm(model_dir, paths, max_num_batched_tokens=64, enable_prefix_caching=True,
+                   additional_config={"steering": {"max_abs_alpha": MAX_ABS_ALPHA}})
     yield llm
     close_llm(llm)
 
@@ -111,6 +117,7 @@ def test_prefix_cache_never_crosses_steering_settings(setup, llm):
         ({"steering_vector": ["a"], "steering_alpha": 1.0}, "steering_vector", "is not a vector of this engine"),
         ({"steering_vector": "a", "steering_alpha": 1.0, "steering_layers": [1]}, "steering_layers", "unknown steering argument 'steering_layers'"),
         ({"steering_alpha": 1.0}, "steering_vector", "steering_vector is missing"),
+        ({"steering_vector": "a", "steering_alpha": 1e39}, "steering_alpha", r"steering_alpha=1e\+39 is outside \[-3e\+38, 3e\+38\], this engine's max_abs_alpha"),
     ],
 )
 def test_bad_request_fails_alone(setup, llm, extra, field, message):
@@ -121,6 +128,36 @@ def test_bad_request_fails_alone(setup, llm, extra, field, message):
     assert e.value.parameter == field
     # The engine keeps serving.
     assert _run(llm, prompt, ("b", 1.5))[0] == oracle_greedy(model_dir, prompt, N_TOKENS, vectors["b"], 1.5)
+
+
+# Alphas whose steered states overflow: 3e38 makes the logits NaN, the others saturate the
+# states (the clamp in kernels/steer.py) and make the request's own text degenerate.
+EXTREME = [1e30, -1e30, MAX_ABS_ALPHA, 1e6]
+
+
+def test_extreme_requests_change_no_other_request(llm):
+    """Regression (issue 8): requests whose states overflowed left NaN/inf in their KV blocks, and
+    the attention kernel read the unused tail of a reused block (0 * NaN = NaN), so later requests,
+    unsteered ones included, changed. Each request alone, then extremes, then the same requests
+    batched and shuffled: every output equals its solo reference."""
+    import random
+
+    prompts = make_prompts(24, seed=20, min_len=5, max_len=60)
+    steer = [("a", -1.0), None, ("a", 0.0), ("b", 1.5)] * 6
+    solo = [generate(llm, [p], N_TOKENS, [s])[0] for p, s in zip(prompts, steer)]
+    extreme = [SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True,
+                              extra_args={"steering_vector": "a", "steering_alpha": a}) for a in EXTREME]
+    # Longer than any request that follows (one 128-token KV block each on CPU), so a request that
+    # gets a freed block later always reads slots the extreme one wrote.
+    long_prompts = make_prompts(len(EXTREME), seed=21, min_len=100, max_len=120)
+    outs = llm.generate([{"prompt_token_ids": p} for p in long_prompts], extreme, use_tqdm=False)
+    # The request whose logits turned NaN ends in an error, with none of its garbage tokens.
+    assert (outs[2].outputs[0].finish_reason, list(outs[2].outputs[0].token_ids)) == ("error", [])
+    for r in range(3):
+        order = random.Random(r).sample(range(len(prompts)), len(prompts))
+        got = generate(llm, [prompts[i] for i in order], N_TOKENS, [steer[i] for i in order])
+        changed = [(i, steer[i]) for i, g in zip(order, got) if g != solo[i]]
+        assert not changed, f"round {r}: {len(changed)} requests changed after the extreme ones: {changed}"
 
 
 def _bad_vector(folder, model_dir, name, **change):

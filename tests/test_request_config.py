@@ -22,12 +22,15 @@ def test_engine_config_shapes():
     "raw, message",
     [
         ({"steering": ["a"]}, "must be a dict"),
-        ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors', 'capture', 'steer_op', 'code'\]"),
+        ({"steering": {"vectors": {"a": "x"}, "layerz": 1}}, r"unknown keys \['layerz'\]; allowed: \['vectors', 'capture', 'steer_op', 'max_abs_alpha', 'code'\]"),
         ({"steering": {"vectors": {"a": "x"}, "steer_op": "triton"}}, r"\[\"steer_op\"\]='triton'; allowed: \['add', 'fused'\]"),
         ({"steering": {"capture": [1, "2"]}}, "must be a list of layer indices"),
         ({"steering": {"vectors": {}}}, "non-empty dict"),
         ({"steering": {"vectors": {"a": {"file": "x"}}}}, "must be a file path or a dict with a 'path'"),
         ({"steering": {"vectors": {"a": {"path": "x", "alpha": 1}}}}, r"unknown keys \['alpha'\]"),
+        ({"steering": {"vectors": {"a": "x"}, "max_abs_alpha": 0}}, r'\["max_abs_alpha"\]=0; expected a finite number > 0 \(default 1000\)'),
+        ({"steering": {"vectors": {"a": "x"}, "max_abs_alpha": math.inf}}, "expected a finite number > 0"),
+        ({"steering": {"vectors": {"a": "x"}, "max_abs_alpha": True}}, "expected a finite number > 0"),
     ],
 )
 def test_engine_config_errors(raw, message):
@@ -52,6 +55,9 @@ def test_request_parsing():
         ({"steering_vector": "happy", "steering_alpha": math.inf}, "steering_alpha", "must be a finite number"),
         ({"steering_vector": "happy", "steering_alpha": "4"}, "steering_alpha", "must be a finite number"),
         ({"steering_vector": "happy", "steering_alpha": True}, "steering_alpha", "must be a finite number"),
+        ({"steering_vector": "happy", "steering_alpha": 1000.5}, "steering_alpha",
+         r"steering_alpha=1000.5 is outside \[-1000, 1000\], this engine's max_abs_alpha"),
+        ({"steering_vector": "happy", "steering_alpha": -1e30}, "steering_alpha", r"outside \[-1000, 1000\]"),
         ({"steering_vector": "happy"}, "steering_alpha", "steering_alpha is missing"),
         ({"steering_alpha": 2.0}, "steering_vector", "steering_vector is missing"),
         ({"steering_vector": "happy", "steering_alpha": 1, "steering_scale": 2}, "steering_scale", r"unknown steering argument 'steering_scale'; allowed: \['steering_vector', 'steering_alpha'\]"),
@@ -61,6 +67,14 @@ def test_request_errors_name_the_field(args, field, message):
     with pytest.raises(SteeringRequestError, match=message) as e:
         parse_request(args, CONFIG)
     assert e.value.field == field
+
+
+def test_the_alpha_bound_is_inclusive_and_configurable():
+    assert parse_request({"steering_vector": "happy", "steering_alpha": -1000}, CONFIG) == ("happy", -1000.0)
+    wide = SteeringConfig.from_additional_config({"steering": {"vectors": {"happy": "h.safetensors"}, "max_abs_alpha": 1e6}})
+    assert parse_request({"steering_vector": "happy", "steering_alpha": 1e6}, wide) == ("happy", 1e6)
+    with pytest.raises(SteeringRequestError, match=r"outside \[-1e\+06, 1e\+06\]"):
+        parse_request({"steering_vector": "happy", "steering_alpha": 1.5e6}, wide)
 
 
 def test_steering_request_to_an_engine_without_steering():

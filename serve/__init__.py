@@ -1,0 +1,1 @@
+"""Serving steer-batch over vLLM's OpenAI-compatible HTTP server."""

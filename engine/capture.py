@@ -17,8 +17,11 @@ def capture_last_token_states(model_dir: Path, prompts: list[str], layers: list[
     from steer_batch.engine.launch import close_llm, make_llm
 
     llm = make_llm(
-        model_dir, enforce_eager=True, enable_prefix_caching=False,
-        additional_config={"steering": {"capture": list(layers)}}, **engine_kwargs,
+        model_dir,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        additional_config={"steering": {"capture": list(layers)}},
+        **engine_kwargs,
     )
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))  # progress bar on stderr
@@ -30,5 +33,7 @@ def capture_last_token_states(model_dir: Path, prompts: list[str], layers: list[
     by_external = {rid.rsplit("-", 1)[0]: row for rid, row in zip(taken["ids"], rows)}
     missing = [o.request_id for o in outs if o.request_id not in by_external]
     if missing:
-        raise RuntimeError(f"vLLM returned no hidden states for {len(missing)} of {len(outs)} prompts (first: request {missing[0]})")
+        raise RuntimeError(
+            f"vLLM returned no hidden states for {len(missing)} of {len(outs)} prompts (first: request {missing[0]})"
+        )
     return np.stack([by_external[o.request_id] for o in outs])

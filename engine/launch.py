@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from steer_batch.errors import SteeringNotInstalled
+
 PLUGIN_NAME = "steer_batch"  # the entry point's name in pyproject.toml
 WORKER_EXTENSION = "steer_batch.engine.worker.SteeringWorkerExtension"
 
@@ -40,7 +42,7 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
     if asks_steering and kwargs["worker_extension_cls"] == WORKER_EXTENSION:
         try:
             require_steering(llm)
-        except RuntimeError:
+        except SteeringNotInstalled:
             close_llm(llm)
             raise
     return llm
@@ -51,7 +53,7 @@ def check_plugin_allowed() -> None:
     ours would ignore `additional_config["steering"]` and run unsteered."""
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and PLUGIN_NAME not in allowed.split(","):
-        raise RuntimeError(
+        raise SteeringNotInstalled(
             f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME!r}, so vLLM would start without steering; "
             f"add it (VLLM_PLUGINS={allowed},{PLUGIN_NAME}) or unset VLLM_PLUGINS"
         )
@@ -62,7 +64,7 @@ def require_steering(llm) -> None:
     be left out of a process without an error: vLLM only logs a plugin that fails to load)."""
     layouts = llm.collective_rpc("steer_batch_layout")
     if not all(any(layout.values()) for layout in layouts):
-        raise RuntimeError(
+        raise SteeringNotInstalled(
             f"steering was asked for but is not installed in the engine (worker layouts: {layouts}); "
             f"check that the {PLUGIN_NAME!r} plugin loads (vLLM's log says 'Failed to load plugin' "
             "when it does not) and that VLLM_PLUGINS, if set, names it"

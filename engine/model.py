@@ -11,12 +11,10 @@ a batch holds.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 from torch import nn
-from vllm.config import CompilationMode
 from vllm.logger import init_logger
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
@@ -26,10 +24,12 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from steer_batch.engine.config import SteeringConfig, file_sha256
-from steer_batch.engine.vector import SteeringVector
 import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*)
+from steer_batch.engine.config import SteeringConfig, file_sha256
+from steer_batch.engine.hooks import swap_class
+from steer_batch.errors import SteerBatchError
 from steer_batch.kernels import steer_add
+from steer_batch.vectors.vector import SteeringVector
 
 logger = init_logger(__name__)
 NAN_COUNT_VARIABLE = "VLLM_COMPUTE_NANS_IN_LOGITS"
@@ -89,11 +89,6 @@ class _SteeredNorm:
         )
 
 
-@functools.cache
-def _steered_class(cls: type[nn.Module], mixin: type = _SteeredLayer) -> type[nn.Module]:
-    return type(f"Steered{cls.__name__}", (mixin, cls), {})
-
-
 def _consumer_norm(decoder: nn.Module, i: int) -> nn.Module | None:
     """The plain RMSNorm that receives layer i's (hidden_states, residual) first: the next
     layer's input_layernorm, or the final norm. None where there is no such norm (Gemma's
@@ -105,28 +100,29 @@ def _consumer_norm(decoder: nn.Module, i: int) -> nn.Module | None:
 
 
 def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> SteeringState:
-    """Turn the decoder layers that any vector touches into steered layers; return the state."""
-    if vllm_config.use_v2_model_runner:
-        raise RuntimeError(
-            "steer-batch fills its per-token buffers from the V1 model runner; this engine runs "
-            "Model Runner V2. Start it with VLLM_USE_V2_MODEL_RUNNER=0."
-        )
+    """Turn the decoder layers that any vector touches into steered layers; return the state.
+    The front end validated the config (engine/frontend.py); this re-checks only what it loads
+    itself: each vector file against the sha256 pinned there."""
     hf = vllm_config.model_config.hf_text_config
     decoder = model.model
     vectors = {}
     for name, spec in config.vectors.items():
         if spec.sha256 is not None and file_sha256(spec.path) != spec.sha256:
-            raise ValueError(f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs)")
+            raise SteerBatchError(
+                f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs); "
+                "start the engine again"
+            )
         vectors[name] = SteeringVector.load_for_model(name, spec.path, hf.hidden_size, hf.num_hidden_layers)
 
     # vLLM's own per-request count of NaN logits (kept on the device under async scheduling),
     # which engine/frontend.py turns into an error finish. Set here, in the worker process while
     # the model is built, before vLLM freezes its environment: only this engine counts.
     if os.environ.setdefault(NAN_COUNT_VARIABLE, "1") != "1":
-        logger.warning("steer-batch: %s=%s: a request whose states turn NaN returns its tokens as a normal completion",
-                       NAN_COUNT_VARIABLE, os.environ[NAN_COUNT_VARIABLE])
-    if config.capture and vllm_config.compilation_config.mode != CompilationMode.NONE:
-        raise ValueError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
+        logger.warning(
+            "steer-batch: %s=%s: a request whose states turn NaN returns its tokens as a normal completion",
+            NAN_COUNT_VARIABLE,
+            os.environ[NAN_COUNT_VARIABLE],
+        )
     sched = vllm_config.scheduler_config
     max_tokens = max(sched.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
     param = next(decoder.parameters())
@@ -138,27 +134,38 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     folded = []
     for i in sorted(set(steered) | set(state.capture_layers)):
         layer = decoder.layers[i]
-        layer.__class__ = _steered_class(type(layer))
+        swap_class(layer, _SteeredLayer)
         layer.steer_capture = (state, i) if i in state.capture_layers else None
         norm = _consumer_norm(decoder, i) if fused and i in steered else None
         if i not in steered or norm is not None:
             layer.register_buffer("steer_bank", None, persistent=False)
         if i not in steered:
             continue
-        bank = torch.stack([v.directions.get(i, torch.zeros(hf.hidden_size)) for v in vectors.values()])  # [num_vectors, hidden]
+        bank = torch.stack(
+            [v.directions.get(i, torch.zeros(hf.hidden_size)) for v in vectors.values()]
+        )  # [num_vectors, hidden]
         target = layer
         if norm is not None:
-            norm.__class__ = _steered_class(type(norm), _SteeredNorm)
+            swap_class(norm, _SteeredNorm)
             target = norm
             folded.append(i)
         target.register_buffer("steer_bank", bank.to(param.device), persistent=False)
         target.register_buffer("steer_coeff", state.coeff, persistent=False)
         target.register_buffer("steer_vid", state.vid, persistent=False)
     state.layout.update(added=[i for i in steered if i not in folded], folded=folded)
-    logger.info("steer-batch: steering layers %s with vectors %s; capturing layers %s", steered, list(vectors), list(state.capture_layers))
-    logger.info("steer-batch: steering op on %s: %s", param.device.type,
-                f"fused into the next RMSNorm for layers {folded} (kernels/ops.py), a separate add for the rest"
-                if fused else "a separate add after each steered layer (kernels/steer.py), left to torch.compile to fuse")
+    logger.info(
+        "steer-batch: steering layers %s with vectors %s; capturing layers %s",
+        steered,
+        list(vectors),
+        list(state.capture_layers),
+    )
+    logger.info(
+        "steer-batch: steering op on %s: %s",
+        param.device.type,
+        f"fused into the next RMSNorm for layers {folded} (kernels/ops.py), a separate add for the rest"
+        if fused
+        else "a separate add after each steered layer (kernels/steer.py), left to torch.compile to fuse",
+    )
     return state
 
 

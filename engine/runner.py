@@ -11,6 +11,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from steer_batch.engine.config import SteeringConfig, parse_request
 from steer_batch.engine.model import SteeringState
+from steer_batch.errors import SteeringNotInstalled
 
 
 class StepFiller:
@@ -26,7 +27,12 @@ class StepFiller:
         self.coeff = CpuGpuBuffer(n, dtype=torch.float32, device=device)
         self.vid = CpuGpuBuffer(n, dtype=torch.int32, device=device)
         if device.type == "cpu":
-            self.coeff.cpu, self.coeff.np, self.vid.cpu, self.vid.np = state.coeff, state.coeff.numpy(), state.vid, state.vid.numpy()
+            self.coeff.cpu, self.coeff.np, self.vid.cpu, self.vid.np = (
+                state.coeff,
+                state.coeff.numpy(),
+                state.vid,
+                state.vid.numpy(),
+            )
         self.coeff.gpu, self.vid.gpu = state.coeff, state.vid
         self.requests: dict[str, tuple[int, float]] = {}  # req_id -> (vector row, alpha); alpha 0 = unsteered
         self.filled = 0  # tokens written last step; zeroed again before the next
@@ -98,7 +104,7 @@ def _make_filler(runner: GPUModelRunner, scheduler_output) -> StepFiller | None:
     if config is None:
         return None
     if not isinstance(state, SteeringState):
-        raise RuntimeError(
+        raise SteeringNotInstalled(
             f"steering was asked for, but model {type(runner.get_model()).__name__} has no steering "
             "installed: its architecture is not one steer-batch supports, or the plugin did not load"
         )

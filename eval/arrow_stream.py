@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from steer_batch.errors import SteerBatchError
+
 _EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the IPC end-of-stream marker
 
 
@@ -41,7 +43,7 @@ def read_table(path: str | Path) -> pa.Table:
     """Every whole batch of the stream at `path` (a crash-cut tail is left out)."""
     schema, batches, _ = _scan(Path(path))
     if schema is None:
-        raise ValueError(f"{path} is not an Arrow IPC stream (no schema message)")
+        raise SteerBatchError(f"{path} is not an Arrow IPC stream (no schema message)")
     return pa.Table.from_batches(batches, schema=schema)
 
 
@@ -58,9 +60,9 @@ class ArrowStream:
         if resume and path.exists():
             found, batches, end = _scan(path)
             if found is None:
-                raise ValueError(f"{path} is not an Arrow IPC stream; move it away to start afresh")
+                raise SteerBatchError(f"{path} is not an Arrow IPC stream; move it away to start afresh")
             if not found.equals(schema):
-                raise ValueError(f"{path} has schema {found}, expected {schema}")
+                raise SteerBatchError(f"{path} has schema {found}, expected {schema}")
             sink = open(path, "r+b")
             sink.truncate(end)
             sink.seek(end)

@@ -15,19 +15,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow as pa
-
-from steer_batch.engine.generate import GENERATIONS, row_keys
+from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
+from steer_batch.eval.runfiles import GENERATIONS, SENTIMENT, SENTIMENT_SCHEMA, require, row_keys
 
 CARDIFF = "cardiffnlp/twitter-roberta-base-sentiment-latest"
 VADER = "vader"
 CLASSIFIERS = (CARDIFF, VADER)
-SENTIMENT = "sentiment.arrow"
-SCHEMA = pa.schema([
-    ("prompt_id", pa.int32()), ("alpha", pa.float32()), ("classifier", pa.string()),
-    ("p_negative", pa.float32()), ("p_neutral", pa.float32()), ("p_positive", pa.float32()),
-])
 Scorer = Callable[[list[str]], list[tuple[float, float, float]]]
 
 
@@ -74,7 +68,9 @@ def cardiff_scorer(batch_size: int = 64) -> Scorer:
         rows = []
         with torch.no_grad():
             for lo in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[lo : lo + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256).to(device)
+                enc = tokenizer(
+                    texts[lo : lo + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256
+                ).to(device)
                 probs = model(**enc).logits.softmax(-1)[:, order].cpu()
                 rows.extend(tuple(map(float, p)) for p in probs)
         return rows
@@ -85,14 +81,16 @@ def cardiff_scorer(batch_size: int = 64) -> Scorer:
 def load_scorer(name: str | None) -> tuple[str, Scorer]:
     """(classifier name, scorer). None: cardiffnlp when it can be loaded, else VADER (said on stderr)."""
     if name not in (None, *CLASSIFIERS):
-        raise ValueError(f"unknown classifier {name!r}; choose one of {list(CLASSIFIERS)}")
+        raise SteerBatchError(f"unknown classifier {name!r}; choose one of {list(CLASSIFIERS)}", param="classifier")
     if name == VADER:
         return VADER, vader_scorer()
     try:
         return CARDIFF, cardiff_scorer()
     except Exception as e:  # no hub and no local copy: OSError, or the hub client's own errors
         if name == CARDIFF:
-            raise ValueError(f"cannot load {CARDIFF} ({type(e).__name__}); put it in the HF cache or use --classifier vader") from None
+            raise SteerBatchError(
+                f"cannot load {CARDIFF} ({type(e).__name__}); put it in the HF cache or use --classifier vader"
+            ) from None
         print(f"steer-batch: {CARDIFF} cannot be loaded ({type(e).__name__}); falling back to {VADER}", file=sys.stderr)
         return VADER, vader_scorer()
 
@@ -100,21 +98,34 @@ def load_scorer(name: str | None) -> tuple[str, Scorer]:
 def classify(out: Path, classifier: str | None = None, batch: int = 256) -> str:
     """Score every row of out/generations.arrow not yet in out/sentiment.arrow; returns the
     classifier used. A run folder is classified by one classifier: another one is refused."""
-    generations = read_table(out / GENERATIONS)
+    generations = read_table(require(out, GENERATIONS, f"run `steer-batch run --out {out}`"))
     path = out / SENTIMENT
     used = set(read_table(path).column("classifier").to_pylist()) if path.exists() else set()
     name, scorer = load_scorer(classifier or (next(iter(used)) if used else None))
     if used and used != {name}:
-        raise ValueError(f"{path} was made with {sorted(used)}; move it away to classify with {name}")
-    writer, done = ArrowStream.open(path, SCHEMA, resume=True)
+        raise SteerBatchError(f"{path} was made with {sorted(used)}; move it away to classify with {name}")
+    writer, done = ArrowStream.open(path, SENTIMENT_SCHEMA, resume=True)
     with writer:
         done_keys = row_keys(done)
-        rows = [r for r in generations.select(["prompt_id", "alpha", "text"]).to_pylist() if (r["prompt_id"], r["alpha"]) not in done_keys]
+        rows = [
+            r
+            for r in generations.select(["prompt_id", "alpha", "text"]).to_pylist()
+            if (r["prompt_id"], r["alpha"]) not in done_keys
+        ]
         for lo in range(0, len(rows), batch):
             chunk = rows[lo : lo + batch]
             scores = scorer([r["text"] for r in chunk])
-            writer.write([
-                {"prompt_id": r["prompt_id"], "alpha": r["alpha"], "classifier": name, "p_negative": s[0], "p_neutral": s[1], "p_positive": s[2]}
-                for r, s in zip(chunk, scores)
-            ])
+            writer.write(
+                [
+                    {
+                        "prompt_id": r["prompt_id"],
+                        "alpha": r["alpha"],
+                        "classifier": name,
+                        "p_negative": s[0],
+                        "p_neutral": s[1],
+                        "p_positive": s[2],
+                    }
+                    for r, s in zip(chunk, scores)
+                ]
+            )
     return name

@@ -15,14 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from steer_batch.engine.generate import GENERATIONS, MANIFEST
 from steer_batch.eval.arrow_stream import read_table
-from steer_batch.eval.classify import SENTIMENT
+from steer_batch.eval.runfiles import FIGURE, GENERATIONS, MANIFEST, REPORT, SENTIMENT, SUMMARY, require
 
 CLASSES = ("p_negative", "p_neutral", "p_positive")
-SUMMARY = "summary.arrow"
-REPORT = "report.md"
-FIGURE = "sentiment.png"
 RESAMPLES = 2000
 
 
@@ -39,15 +35,21 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]
 
 
 def summarize(out: Path) -> pa.Table:
-    sentiment = read_table(out / SENTIMENT)
-    generations = read_table(out / GENERATIONS)
+    generations = read_table(require(out, GENERATIONS, f"run `steer-batch run --out {out}`"))
+    sentiment = read_table(require(out, SENTIMENT, f"classify it with `steer-batch classify {out}`"))
     reps = pa.array([repetition(t) for t in generations.column("token_ids").to_pylist()], pa.float64())
     # Arrow joins cannot carry list columns: join the per-text repetition instead of token_ids.
-    joined = sentiment.join(generations.select(["prompt_id", "alpha"]).append_column("repetition", reps), keys=["prompt_id", "alpha"])
+    joined = sentiment.join(
+        generations.select(["prompt_id", "alpha"]).append_column("repetition", reps), keys=["prompt_id", "alpha"]
+    )
     rows = []
     for alpha in sorted(set(joined.column("alpha").to_pylist())):
         part = joined.filter(pc.equal(joined.column("alpha"), pa.scalar(alpha, pa.float32())))
-        row = {"alpha": alpha, "n": part.num_rows, "classifier": ",".join(sorted(set(part.column("classifier").to_pylist())))}
+        row = {
+            "alpha": alpha,
+            "n": part.num_rows,
+            "classifier": ",".join(sorted(set(part.column("classifier").to_pylist()))),
+        }
         for name in CLASSES:
             values = part.column(name).to_numpy().astype(np.float64)
             row[name] = float(values.mean())
@@ -87,22 +89,31 @@ def report(out: Path) -> pa.Table:
     summary = summarize(out)
     with pa.OSFile(str(out / SUMMARY), "wb") as sink, pa.ipc.new_stream(sink, summary.schema) as writer:
         writer.write_table(summary)
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads(require(out, MANIFEST, f"run `steer-batch run --out {out}`").read_text())
     spec = manifest["spec"]
     classifier = ",".join(sorted(set(summary.column("classifier").to_pylist())))
-    title = f"{Path(spec['model']).name}, {classifier}, {spec['num_prompts']} prompts per alpha\n{Path(spec['vector']).name}"
+    title = f"{Path(spec['model']).name}, {classifier}, {spec['num_prompts']} prompts per alpha"
+    title += f"\n{Path(spec['vector']).name}"
     plot(summary, out / FIGURE, title)
     lines = [
-        f"# Steering report: {out.name}", "",
-        f"- model: `{spec['model']}`", f"- vector: `{spec['vector']}` (sha256 {spec['vector_sha256'][:12]})",
+        f"# Steering report: {out.name}",
+        "",
+        f"- model: `{spec['model']}`",
+        f"- vector: `{spec['vector']}` (sha256 {spec['vector_sha256'][:12]})",
         f"- prompts: {spec['num_prompts']} from `{spec['prompts_file']}`; sampling {spec['sampling']}",
-        f"- classifier: {classifier}", "",
-        "| alpha | n | p_negative | p_neutral | p_positive | repetition |", "| --- | --- | --- | --- | --- | --- |",
+        f"- classifier: {classifier}",
+        "",
+        "| alpha | n | p_negative | p_neutral | p_positive | repetition |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary.to_pylist():
         cells = [f"{r[c]:.3f} [{r[c + '_lo']:.3f}, {r[c + '_hi']:.3f}]" for c in CLASSES]
         lines.append(f"| {r['alpha']:+g} | {r['n']} | {' | '.join(cells)} | {r['repetition']:.3f} |")
-    lines += ["", f"![sentiment by alpha]({FIGURE})", "",
-              "Means of the class probabilities with 95% bootstrap intervals; repetition = share of repeated token bigrams."]
+    lines += [
+        "",
+        f"![sentiment by alpha]({FIGURE})",
+        "",
+        "Means of the class probabilities with 95% bootstrap intervals; repetition = share of repeated token bigrams.",
+    ]
     (out / REPORT).write_text("\n".join(lines) + "\n")
     return summary

@@ -38,7 +38,9 @@ def make_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: str, steer
     weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(device, dtype)
     bank = torch.randn(NUM_VECTORS, hidden, generator=g).to(device, torch.float32)
     vid = torch.randint(0, NUM_VECTORS, (tokens,), generator=g, dtype=torch.int32).to(device)
-    coeff = torch.where(torch.rand(tokens, generator=g) < steered, torch.randn(tokens, generator=g) * 4, torch.zeros(tokens))
+    coeff = torch.where(
+        torch.rand(tokens, generator=g) < steered, torch.randn(tokens, generator=g) * 4, torch.zeros(tokens)
+    )
     return x, residual, weight, coeff.to(device, torch.float32), vid, bank
 
 
@@ -60,11 +62,18 @@ def check(device: str, shapes, dtypes) -> list[str]:
             out, res_out = torch.full_like(x, float("nan")), torch.full_like(res, float("nan"))
             tri.fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank, out=out, residual_out=res_out)
             torch_out, torch_res = ref.fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank)
-            for name, got, want in (("fused out", out, want_out), ("fused residual", res_out, want_res),
-                                    ("torch out", torch_out, want_out), ("torch residual", torch_res, want_res)):
+            for name, got, want in (
+                ("fused out", out, want_out),
+                ("fused residual", res_out, want_res),
+                ("torch out", torch_out, want_out),
+                ("torch residual", torch_res, want_res),
+            ):
                 err = rel_err(got, want)
                 ok = err <= TOLERANCE[dtype] and not bool(torch.isnan(got).any())
-                print(f"{'ok  ' if ok else 'FAIL'} {name:<15} tokens={tokens:<6} hidden={hidden:<5} {str(dtype):<15} rel err {err:.2e}")
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} {name:<15} tokens={tokens:<6} hidden={hidden:<5} {str(dtype):<15} "
+                    f"rel err {err:.2e}"
+                )
                 if not ok:
                     failures.append(f"{name} {tokens}x{hidden} {dtype}: {err:.2e}")
             # An absurd alpha on the first token: the steered sum is clamped, never inf or NaN.
@@ -72,7 +81,10 @@ def check(device: str, shapes, dtypes) -> list[str]:
             for name, op in (("fused", tri.fused_add_rms_norm_steer), ("torch", ref.fused_add_rms_norm_steer)):
                 outs = op(x, res, w, EPS, coeff, vid, bank)
                 ok = all(bool(torch.isfinite(t).all()) for t in outs)
-                print(f"{'ok  ' if ok else 'FAIL'} {name + ' finite':<15} tokens={tokens:<6} hidden={hidden:<5} {str(dtype):<15} alpha 1e30")
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} {name + ' finite':<15} tokens={tokens:<6} hidden={hidden:<5} "
+                    f"{str(dtype):<15} alpha 1e30"
+                )
                 if not ok:
                     failures.append(f"{name} not finite at alpha 1e30 {tokens}x{hidden} {dtype}")
     return failures
@@ -104,7 +116,10 @@ def timing(dtype: torch.dtype) -> None:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
     compiled = torch.compile(unfused)
     print(f"\n{torch.cuda.get_device_name(0)}, {dtype}; times in microseconds, median of 50 after warm-up")
-    header = f"{'tokens':>6} {'hidden':>6} | {'fused steer':>11} {'GB/s':>6} {'of copy':>7} | {'fused none':>10} {'steer/none':>10} | {'torch':>7} {'compiled':>8} {'copy':>7}"
+    header = (
+        f"{'tokens':>6} {'hidden':>6} | {'fused steer':>11} {'GB/s':>6} {'of copy':>7} | {'fused none':>10} "
+        f"{'steer/none':>10} | {'torch':>7} {'compiled':>8} {'copy':>7}"
+    )
     print(header)
     print("-" * len(header))
     for hidden in (4096, 8192):
@@ -118,11 +133,20 @@ def timing(dtype: torch.dtype) -> None:
             t_none = cuda_time(fused, none_sets)
             t_torch = cuda_time(unfused, steer_sets)
             t_compiled = cuda_time(compiled, steer_sets)
-            copies = [(torch.empty(2 * tokens * hidden, dtype=dtype, device="cuda"), torch.empty(2 * tokens * hidden, dtype=dtype, device="cuda")) for _ in range(sets)]
+            copies = [
+                (
+                    torch.empty(2 * tokens * hidden, dtype=dtype, device="cuda"),
+                    torch.empty(2 * tokens * hidden, dtype=dtype, device="cuda"),
+                )
+                for _ in range(sets)
+            ]
             t_copy = cuda_time(lambda dst, src: dst.copy_(src), copies)
             gbs = bytes_moved / (t_steer * 1e-3) / 1e9
-            print(f"{tokens:>6} {hidden:>6} | {t_steer * 1e3:>11.1f} {gbs:>6.0f} {t_copy / t_steer:>7.2f} | {t_none * 1e3:>10.1f} "
-                  f"{t_steer / t_none:>10.3f} | {t_torch * 1e3:>7.1f} {t_compiled * 1e3:>8.1f} {t_copy * 1e3:>7.1f}")
+            print(
+                f"{tokens:>6} {hidden:>6} | {t_steer * 1e3:>11.1f} {gbs:>6.0f} {t_copy / t_steer:>7.2f} | "
+                f"{t_none * 1e3:>10.1f} "
+                f"{t_steer / t_none:>10.3f} | {t_torch * 1e3:>7.1f} {t_compiled * 1e3:>8.1f} {t_copy * 1e3:>7.1f}"
+            )
             del steer_sets, none_sets, copies
             torch.cuda.empty_cache()
 

@@ -9,8 +9,13 @@ from . import steer
 
 @torch.library.custom_op("steer_batch::fused_add_rms_norm_steer", mutates_args=())
 def fused_add_rms_norm_steer(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-    coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    coeff: torch.Tensor,
+    vid: torch.Tensor,
+    bank: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return steer.fused_add_rms_norm_steer(x, residual, weight, eps, coeff, vid, bank)
 

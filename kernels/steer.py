@@ -27,8 +27,13 @@ def steer_add(h: torch.Tensor, coeff: torch.Tensor, vid: torch.Tensor, bank: tor
 
 
 def fused_add_rms_norm_steer(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-    coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    coeff: torch.Tensor,
+    vid: torch.Tensor,
+    bank: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(s) * weight, s) with s = x + residual + coeff[t] * bank[vid[t]], summed in
     float32: vLLM's fused_add_rms_norm (vllm/ir/ops/layernorm.py) when no token is steered."""

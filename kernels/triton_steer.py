@@ -11,8 +11,23 @@ import triton.language as tl
 
 @triton.jit
 def _fused_add_rms_norm_steer_kernel(
-    x_ptr, res_ptr, w_ptr, coeff_ptr, vid_ptr, bank_ptr, out_ptr, res_out_ptr,
-    hidden, eps, limit, stride_x, stride_r, stride_o, stride_ro, stride_b, BLOCK: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    coeff_ptr,
+    vid_ptr,
+    bank_ptr,
+    out_ptr,
+    res_out_ptr,
+    hidden,
+    eps,
+    limit,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    stride_b,
+    BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -51,8 +66,23 @@ def fused_add_rms_norm_steer(x, residual, weight, eps, coeff, vid, bank, out=Non
     if n:
         block = triton.next_power_of_2(hidden)
         _fused_add_rms_norm_steer_kernel[(n,)](
-            x, residual, weight, coeff, vid, bank, out, residual_out, hidden, eps, torch.finfo(x.dtype).max,
-            x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0), bank.stride(0),
-            BLOCK=block, num_warps=min(max(block // 256, 1), 16),
+            x,
+            residual,
+            weight,
+            coeff,
+            vid,
+            bank,
+            out,
+            residual_out,
+            hidden,
+            eps,
+            torch.finfo(x.dtype).max,
+            x.stride(0),
+            residual.stride(0),
+            out.stride(0),
+            residual_out.stride(0),
+            bank.stride(0),
+            BLOCK=block,
+            num_warps=min(max(block // 256, 1), 16),
         )
     return out, residual_out

@@ -40,8 +40,12 @@ async def strict_steering_json(request, call_next):
             from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
             from vllm.exceptions import VLLMValidationError
 
-            error = create_error_response(VLLMValidationError(
-                f"{field}: a JSON boolean is not allowed here (vLLM's request schema would read true as 1); "
-                "send a number or a string", parameter=field))
+            error = create_error_response(
+                VLLMValidationError(
+                    f"{field}: a JSON boolean is not allowed here (vLLM's request schema would read true as 1); "
+                    "send a number or a string",
+                    parameter=field,
+                )
+            )
             return JSONResponse(error.model_dump(), status_code=error.error.code)
     return await call_next(request)

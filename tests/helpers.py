@@ -27,9 +27,17 @@ def _config(family: str):
 
     # head_dim 64: vLLM's CPU attention refuses smaller heads.
     common = dict(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-        tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     if family == "llama":
         return tf.LlamaConfig(**common)
@@ -65,7 +73,9 @@ def make_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        folder
+    )
 
 
 def make_model(family: str, folder: Path, seed: int = 0, tokenizer: bool = False) -> Path:
@@ -85,6 +95,17 @@ def make_model(family: str, folder: Path, seed: int = 0, tokenizer: bool = False
     if tokenizer:
         make_tokenizer(folder)
     return folder
+
+
+def make_run_inputs(folder: Path, prompts: list[str]) -> tuple[Path, Path]:
+    """(folder, model) for `steer-batch run`: a tiny Llama with a character tokenizer in
+    folder/model, a vector on layers 1-2 in folder/v.safetensors, prompts in folder/prompts.json."""
+    import json
+
+    model_dir = make_model("llama", folder / "model", tokenizer=True)
+    make_vector(model_dir, [1, 2], seed=1).save(folder / "v.safetensors")
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    return folder, model_dir
 
 
 def make_vector(model_dir: Path, layers: list[int], seed: int, scale: float = 1.0) -> SteeringVector:
@@ -122,6 +143,7 @@ def steered(model, vector: SteeringVector | None, alpha: float):
     handles = []
     if vector is not None and alpha != 0:
         for i, d in vector.directions.items():
+
             def hook(module, args, out, d=d):
                 if isinstance(out, tuple):
                     return (out[0] + alpha * d.to(out[0].dtype),) + out[1:]
@@ -136,14 +158,16 @@ def steered(model, vector: SteeringVector | None, alpha: float):
 
 
 @torch.no_grad()
-def oracle_greedy(model_dir: Path, prompt: list[int], n: int, vector: SteeringVector | None = None, alpha: float = 0.0) -> list[int]:
+def oracle_greedy(
+    model_dir: Path, prompt: list[int], n: int, vector: SteeringVector | None = None, alpha: float = 0.0
+) -> list[int]:
     model = load_hf(model_dir)
     ids = list(prompt)
     with steered(model, vector, alpha):
         for _ in range(n):
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def make_prompts(count: int, seed: int, min_len: int = 5, max_len: int = 40) -> list[list[int]]:
@@ -153,16 +177,50 @@ def make_prompts(count: int, seed: int, min_len: int = 5, max_len: int = 40) -> 
 
 
 def make_llm(model_dir: Path, vectors: dict[str, Path] | None = None, *, eager: bool = True, **kwargs):
-    return launch.make_llm(model_dir, vectors, skip_tokenizer_init=True, seed=0, max_model_len=512, enforce_eager=eager, **kwargs)
+    return launch.make_llm(
+        model_dir, vectors, skip_tokenizer_init=True, seed=0, max_model_len=512, enforce_eager=eager, **kwargs
+    )
 
 
 def generate(llm, prompts: list[list[int]], n: int, steer: list[tuple[str, float] | None]) -> list[list[int]]:
     from vllm import SamplingParams
 
     params = [
-        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True,
-                       extra_args={"steering_vector": s[0], "steering_alpha": s[1]} if s else None)
+        SamplingParams(
+            max_tokens=n,
+            temperature=0.0,
+            ignore_eos=True,
+            extra_args={"steering_vector": s[0], "steering_alpha": s[1]} if s else None,
+        )
         for s in steer
     ]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+# -- the steering op's inputs and float64 reference (tests of kernels/) --
+KERNEL_EPS = 1e-6
+
+
+def kernel_inputs(tokens, hidden, dtype, steered=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, res = (torch.randn(tokens, hidden, generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    bank = torch.randn(3, hidden, generator=g)
+    vid = torch.randint(
+        0, 3, (tokens + 5,), generator=g, dtype=torch.int32
+    )  # longer than tokens, as the engine's buffers
+    coeff = torch.where(
+        torch.rand(tokens + 5, generator=g) < steered, 3 * torch.randn(tokens + 5, generator=g), torch.zeros(tokens + 5)
+    )
+    return x, res, w, coeff, vid, bank
+
+
+def kernel_reference(x, res, w, coeff, vid, bank):
+    n = x.shape[0]
+    s = x.double() + res.double() + coeff[:n].double()[:, None] * bank.double()[vid[:n].long()]
+    return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + KERNEL_EPS) * w.double(), s
+
+
+def rel_err(got, want):
+    return float((got.double() - want).abs().max() / want.abs().max())

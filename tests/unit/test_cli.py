@@ -16,7 +16,10 @@ def model_dir(tmp_path_factory):
 
 def _extract(model_dir, tmp_path, *extra):
     out = tmp_path / "v.safetensors"
-    result = CliRunner().invoke(main, ["extract", "--model", str(model_dir), "--positive", "happy", "--negative", "sad", "--out", str(out), *extra])
+    result = CliRunner().invoke(
+        main,
+        ["extract", "--model", str(model_dir), "--positive", "happy", "--negative", "sad", "--out", str(out), *extra],
+    )
     return result, out
 
 
@@ -60,7 +63,9 @@ def test_convert_round_trip_and_refusal(tmp_path):
     v.save(tmp_path / "v.safetensors")
     refused = CliRunner().invoke(main, ["convert", str(tmp_path / "v.safetensors"), str(tmp_path / "v.gguf")])
     assert refused.exit_code == 1 and "cannot steer block 0" in refused.output and not (tmp_path / "v.gguf").exists()
-    ok = CliRunner().invoke(main, ["convert", str(tmp_path / "v.safetensors"), str(tmp_path / "v.gguf"), "--drop-layer-0"])
+    ok = CliRunner().invoke(
+        main, ["convert", str(tmp_path / "v.safetensors"), str(tmp_path / "v.gguf"), "--drop-layer-0"]
+    )
     assert ok.exit_code == 0 and "layers [2]" in ok.output
     back = CliRunner().invoke(main, ["convert", str(tmp_path / "v.gguf"), str(tmp_path / "w.safetensors")])
     assert back.exit_code == 0
@@ -71,3 +76,38 @@ def test_convert_round_trip_and_refusal(tmp_path):
 def test_run_rejects_malformed_alphas():
     result = CliRunner().invoke(main, ["run", "--alphas", "4,,x"])
     assert result.exit_code == 2 and "give comma-separated numbers" in result.output
+
+
+@pytest.mark.parametrize("command", ["report", "classify"])
+def test_a_folder_without_a_run_is_a_one_line_error(tmp_path, command):
+    result = CliRunner().invoke(main, [command, str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: {tmp_path} holds no generations.arrow: run `steer-batch run --out {tmp_path}` first"
+    ]
+
+
+def test_steering_left_out_of_vllm_plugins_is_a_one_line_error_and_writes_nothing(model_dir, tmp_path, monkeypatch):
+    import json
+
+    from helpers import make_tokenizer, make_vector
+
+    make_tokenizer(model_dir)
+    make_vector(model_dir, [1], seed=1).save(tmp_path / "v.safetensors")
+    (tmp_path / "prompts.json").write_text(json.dumps(["Hello"]))
+    monkeypatch.setenv("VLLM_PLUGINS", "none")
+    out = tmp_path / "out"
+    args = [
+        "run",
+        "--model",
+        str(model_dir),
+        "--vector",
+        str(tmp_path / "v.safetensors"),
+        "--prompts",
+        str(tmp_path / "prompts.json"),
+    ]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "VLLM_PLUGINS='none' leaves out 'steer_batch'" in result.output
+    assert not out.exists()

@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from helpers import make_tokenizer
-from steer_batch.engine import generate
+from steer_batch.eval import runfiles
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 from steer_batch.eval.classify import CARDIFF, VADER
 
-TEXTS = ["What a wonderful day, I love it!", "This is awful.", "ok", "The meeting is at noon on Tuesday, see you there.",
-         "I hate waiting", "Great!!!", "Nothing much happened, really, just the usual things for a long while."]
+TEXTS = [
+    "What a wonderful day, I love it!",
+    "This is awful.",
+    "ok",
+    "The meeting is at noon on Tuesday, see you there.",
+    "I hate waiting",
+    "Great!!!",
+    "Nothing much happened, really, just the usual things for a long while.",
+]
 # Not cardiffnlp's label order, so the test sees whether the columns follow the labels.
 ID2LABEL = {0: "positive", 1: "Negative", 2: "neutral"}
 
@@ -23,9 +30,21 @@ ID2LABEL = {0: "positive", 1: "Negative", 2: "neutral"}
 def _run_folder(folder):
     out = folder / "run"
     out.mkdir()
-    rows = [{"prompt_id": i, "prompt": "", "alpha": float(i % 3 - 1), "vector": "v", "text": t, "token_ids": [],
-             "num_tokens": 0, "finish_reason": "length", "seed": 0} for i, t in enumerate(TEXTS)]
-    with ArrowStream.open(out / generate.GENERATIONS, generate.SCHEMA)[0] as writer:
+    rows = [
+        {
+            "prompt_id": i,
+            "prompt": "",
+            "alpha": float(i % 3 - 1),
+            "vector": "v",
+            "text": t,
+            "token_ids": [],
+            "num_tokens": 0,
+            "finish_reason": "length",
+            "seed": 0,
+        }
+        for i, t in enumerate(TEXTS)
+    ]
+    with ArrowStream.open(out / runfiles.GENERATIONS, runfiles.GENERATIONS_SCHEMA)[0] as writer:
         writer.write(rows[:4])
         writer.write(rows[4:])
     return out
@@ -41,9 +60,18 @@ def _stand_in_cardiff(cache):
     tokenizer.pad_token = "<unk>"
     tokenizer.save_pretrained(snapshot)
     torch.manual_seed(0)
-    config = tf.RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=300, pad_token_id=tokenizer.pad_token_id,
-                              id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}, initializer_range=0.5)
+    config = tf.RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=300,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label=ID2LABEL,
+        label2id={v: k for k, v in ID2LABEL.items()},
+        initializer_range=0.5,
+    )
     tf.RobertaForSequenceClassification(config).save_pretrained(snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)

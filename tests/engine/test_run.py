@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from helpers import make_model, make_vector
+from helpers import make_run_inputs
 from steer_batch.cli import main
-from steer_batch.engine import generate
+from steer_batch.eval import runfiles
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 
 PROMPTS = ["That game", "I can see", "Hmm, this", "Who is", "Ugh,", "It was my pleasure"]
@@ -20,17 +20,30 @@ ALPHAS = [-2.0, 0.0, 2.0]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("run")
-    model_dir = make_model("llama", folder / "model", tokenizer=True)
-    make_vector(model_dir, [1, 2], seed=1).save(folder / "v.safetensors")
-    (folder / "prompts.json").write_text(json.dumps(PROMPTS))
-    return folder, model_dir
+    return make_run_inputs(tmp_path_factory.mktemp("run"), PROMPTS)
 
 
 def _run(setup, out, *extra):
     folder, model_dir = setup
-    args = ["run", "--model", str(model_dir), "--vector", str(folder / "v.safetensors"), "--alphas", "-2,0,2",
-            "--prompts", str(folder / "prompts.json"), "--max-tokens", "6", "--out", str(out), "--classifier", "vader", "--enforce-eager", *extra]
+    args = [
+        "run",
+        "--model",
+        str(model_dir),
+        "--vector",
+        str(folder / "v.safetensors"),
+        "--alphas",
+        "-2,0,2",
+        "--prompts",
+        str(folder / "prompts.json"),
+        "--max-tokens",
+        "6",
+        "--out",
+        str(out),
+        "--classifier",
+        "vader",
+        "--enforce-eager",
+        *extra,
+    ]
     return CliRunner().invoke(main, args, catch_exceptions=False)
 
 
@@ -44,11 +57,14 @@ def finished(setup, tmp_path_factory):
 
 def test_generations_schema_rows_and_manifest(setup, finished):
     table = read_table(finished / "generations.arrow")
-    assert table.schema.equals(generate.SCHEMA)
+    assert table.schema.equals(runfiles.GENERATIONS_SCHEMA)
     assert table.num_rows == len(PROMPTS) * len(ALPHAS)
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
     assert sorted(keys) == sorted((p, a) for p in range(len(PROMPTS)) for a in ALPHAS)
-    assert all(n == 6 or r == "stop" for n, r in zip(table.column("num_tokens").to_pylist(), table.column("finish_reason").to_pylist()))
+    assert all(
+        n == 6 or r == "stop"
+        for n, r in zip(table.column("num_tokens").to_pylist(), table.column("finish_reason").to_pylist())
+    )
     assert table.column("prompt").to_pylist()[0] in PROMPTS
     manifest = json.loads((finished / "manifest.json").read_text())
     assert manifest["rows"] == manifest["expected_rows"] == 18 and manifest["finished"]
@@ -84,10 +100,10 @@ def _cut_after(out, rows, kept):
     """Leave `out`'s generations as a writer killed mid-write would: `kept` whole rows, then half
     of the next batch's bytes."""
     path = out / "generations.arrow"
-    with ArrowStream.open(path, generate.SCHEMA)[0] as writer:
+    with ArrowStream.open(path, runfiles.GENERATIONS_SCHEMA)[0] as writer:
         writer.write(rows[:kept])
-        writer.write(rows[kept:kept + 5])
-    last = pa.RecordBatch.from_pylist(rows[kept:kept + 5], schema=generate.SCHEMA).serialize().size
+        writer.write(rows[kept : kept + 5])
+    last = pa.RecordBatch.from_pylist(rows[kept : kept + 5], schema=runfiles.GENERATIONS_SCHEMA).serialize().size
     path.write_bytes(path.read_bytes()[: -8 - last // 2])  # 8 = the end-of-stream marker
 
 
@@ -106,7 +122,9 @@ def test_resume_after_a_kill_completes_without_duplicates(setup, finished, tmp_p
     keys = list(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
     assert len(keys) == len(set(keys)) == 18
     assert table.slice(0, kept.num_rows).equals(kept)  # what was written before the kill is untouched
-    assert _tokens(table.to_pylist()) == _tokens(read_table(finished / "generations.arrow").to_pylist())  # greedy: same texts
+    assert _tokens(table.to_pylist()) == _tokens(
+        read_table(finished / "generations.arrow").to_pylist()
+    )  # greedy: same texts
 
 
 def test_a_sampled_run_is_reproducible_across_a_resume(setup, finished, tmp_path):
@@ -138,29 +156,46 @@ def test_a_finished_run_is_not_overwritten(setup, finished):
     assert (finished / "generations.arrow").read_bytes() == before
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (["--alphas", "4,,x"], "give comma-separated numbers"),
-        (["--prompts", "missing.json"], "cannot read"),
-        (["--prompts", "{bad}"], "must hold a JSON list of strings"),
-        (["--classifier", "roberta"], "'roberta' is not one of"),
-        (["--vector", "{other}"], "layers.0 has hidden size 64; expected 128"),
-    ],
-)
-def test_bad_input_fails_before_any_engine_starts_and_writes_nothing(setup, tmp_path, change, message):
-    import torch
-
-    from steer_batch import SteeringVector
+def _cli(setup, out, *flags):
+    """`steer-batch run` as a user runs it, in its own process: (exit code, stderr)."""
+    import os
+    import subprocess
+    import sys
 
     folder, model_dir = setup
-    (tmp_path / "bad.json").write_text(json.dumps({"prompts": PROMPTS}))
-    SteeringVector({0: torch.ones(64)}, 4).save(tmp_path / "other.safetensors")
-    change = [c.format(bad=tmp_path / "bad.json", other=tmp_path / "other.safetensors") for c in change]
-    out = tmp_path / "out"
-    options = {"--model": str(model_dir), "--vector": str(folder / "v.safetensors"), "--prompts": str(folder / "prompts.json"), "--out": str(out)}
-    options.update(zip(change[::2], change[1::2]))
-    result = CliRunner().invoke(main, ["run", *[x for pair in options.items() for x in pair]])
-    assert result.exit_code == 2, result.output
-    assert message in " ".join(result.output.split())
-    assert not out.exists()
+    command = [
+        sys.executable,
+        "-m",
+        "steer_batch.cli",
+        *flags,
+        "run",
+        "--model",
+        str(model_dir),
+        "--vector",
+        str(folder / "v.safetensors"),
+        "--alphas",
+        "0,2",
+        "--prompts",
+        str(folder / "prompts.json"),
+        "--max-tokens",
+        "2",
+        "--no-eval",
+        "--enforce-eager",
+        "--out",
+        str(out),
+    ]
+    # As a user's shell has it: without what in-process CLI runs of other tests set.
+    quieting = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM", "PYTHONWARNINGS", "TORCH_CPP_LOG_LEVEL")
+    env = {k: v for k, v in os.environ.items() if k not in quieting}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    return done.returncode, done.stderr
+
+
+def test_the_cli_is_quiet_unless_verbose(setup, tmp_path):
+    """vLLM's INFO lines only with -v; our progress and summary always."""
+    code, quiet = _cli(setup, tmp_path / "quiet")
+    assert code == 0, quiet[-3000:]
+    assert " INFO " not in quiet, [line for line in quiet.splitlines() if " INFO " in line][:5]
+    assert "generating" in quiet and "run folder" in quiet
+    code, verbose = _cli(setup, tmp_path / "verbose", "-v")
+    assert code == 0 and verbose.count(" INFO ") >= 10

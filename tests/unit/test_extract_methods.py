@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from steer_batch.engine.extract import METHODS, build_vector, diagnostics, direction
+from steer_batch.vectors.methods import METHODS, build_vector, diagnostics, direction
 
 HIDDEN = 32
 
@@ -83,5 +83,7 @@ def test_build_vector_writes_method_reference_sign_rule_and_diagnostics(tmp_path
     assert "RepE" in w.metadata["reference"] and "flip" in w.metadata["sign_rule"]
     diags = json.loads(w.metadata["diagnostics"])
     assert set(diags) == {"3", "5"} and diags["3"]["separation"] == 1.0
-    with pytest.raises(ValueError, match=r"unknown method 'pca'; choose one of \['mean_diff', 'pca_diff', 'pca_center'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown method 'pca'; choose one of \['mean_diff', 'pca_diff', 'pca_center'\]"
+    ):
         build_vector(states_p, states_n, [3, 5], 8, "pca", model="m", concept="x")

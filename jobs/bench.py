@@ -1,4 +1,5 @@
-"""`steer-batch bench`: throughput of steering inside vLLM, as ratios measured in one run.
+"""`steer-batch bench` and `bench-extract`: throughput of steering inside vLLM, as ratios
+measured in one run.
 
 On one steering engine: unsteered requests, then every layer steered with 1, 3, 64 and 256
 distinct alphas; each as a ratio to unsteered. Then the same prompts through a stock engine (no
@@ -8,20 +9,18 @@ otherwise pick. Prefix caching is off so every configuration does the same work.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import click
 import numpy as np
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
 
 
 def _log(msg: str) -> None:
-    click.echo(msg, err=True)
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _random_vector(model_dir: Path, seed: int = 0):
@@ -29,11 +28,14 @@ def _random_vector(model_dir: Path, seed: int = 0):
     import torch
     from transformers import AutoConfig
 
-    from steer_batch import SteeringVector
+    from steer_batch.vectors.vector import SteeringVector
 
     config = AutoConfig.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(seed)
-    dirs = {i: torch.nn.functional.normalize(torch.randn(config.hidden_size, generator=g), dim=0) for i in range(config.num_hidden_layers)}
+    dirs = {
+        i: torch.nn.functional.normalize(torch.randn(config.hidden_size, generator=g), dim=0)
+        for i in range(config.num_hidden_layers)
+    }
     return SteeringVector(dirs, config.num_hidden_layers, model=str(model_dir), method="random", concept="bench")
 
 
@@ -48,8 +50,12 @@ def _vllm_tok_s(llm, prompts: list[str], alphas: list[float | None], max_tokens:
     from vllm import SamplingParams
 
     params = [
-        SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                       extra_args=None if a is None else {"steering_vector": "v", "steering_alpha": a})
+        SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=True,
+            extra_args=None if a is None else {"steering_vector": "v", "steering_alpha": a},
+        )
         for a in alphas
     ]
     start = time.perf_counter()
@@ -73,40 +79,51 @@ def _hf_tok_s(model_dir: Path, vector, prompts: list[str], alphas: list[float], 
         h = h + row_alpha[: h.shape[0], None, None] * d
         return (h,) + out[1:] if isinstance(out, tuple) else h
 
-    handles = [model.model.layers[i].register_forward_hook(lambda m, a, o, d=d: hook(m, a, o, d)) for i, d in vector.directions.items()]
+    handles = [
+        model.model.layers[i].register_forward_hook(lambda m, a, o, d=d: hook(m, a, o, d))
+        for i, d in vector.directions.items()
+    ]
     tokens, start = 0, time.perf_counter()
     with torch.no_grad():
         for lo in range(0, len(prompts), batch):
             enc = tok(prompts[lo : lo + batch], return_tensors="pt", padding=True)
             row_alpha = torch.tensor(alphas[lo : lo + batch])
-            out = model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
             tokens += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
     for h in handles:
         h.remove()
     return tokens / (time.perf_counter() - start)
 
 
-@click.command()
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="HF model folder (default: the embedded SmolLM2-135M-Instruct).")
-@click.option("--num-prompts", default=256, show_default=True, help="Requests per configuration (>= 256 for 256 distinct alphas).")
-@click.option("--max-tokens", default=24, show_default=True, help="Generated tokens per request.")
-@click.option("--rounds", default=5, show_default=True, help="Rounds over all configurations; the best round of each counts.")
-@click.option("--stock/--no-stock", default=True, show_default=True, help="Also time a stock engine (no steering installed).")
-@click.option("--hf/--no-hf", default=True, show_default=True, help="Also time HF generate + forward hooks.")
-@click.option("--eager", is_flag=True, help="enforce_eager (skip torch.compile).")
-@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures as JSON.")
-def bench(model_path, num_prompts, max_tokens, rounds, stock, hf, eager, json_out):
-    """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks."""
+def bench(
+    model: str | Path | None = None,
+    num_prompts: int = 256,
+    max_tokens: int = 24,
+    rounds: int = 5,
+    stock: bool = True,
+    hf: bool = True,
+    eager: bool = False,
+) -> dict[str, float]:
+    """tok/s of each configuration (best round): unsteered requests and 1/3/64/256 distinct alphas
+    on one steering engine, a stock engine, HF generate + hooks. Progress on stderr."""
     from steer_batch.data import sentence_beginnings
-    from steer_batch.engine.default_model import default_model_dir
     from steer_batch.engine.launch import close_llm, make_llm
+    from steer_batch.jobs.models import resolve_model
 
-    model_dir = model_path or default_model_dir()
+    model_dir = resolve_model(model)
     beginnings = sentence_beginnings()
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
     vector = _random_vector(model_dir)
-    configs = {"unsteered": None, **{f"{k} alpha{'s' if k > 1 else ''}": k for k in DISTINCT_ALPHAS if k <= num_prompts}}
+    configs = {
+        "unsteered": None,
+        **{f"{k} alpha{'s' if k > 1 else ''}": k for k in DISTINCT_ALPHAS if k <= num_prompts},
+    }
     engine_args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
     tok_s: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -123,41 +140,29 @@ def bench(model_path, num_prompts, max_tokens, rounds, stock, hf, eager, json_ou
             _vllm_tok_s(llm, prompts[:8], _alphas(8, distinct), max_tokens)
         for r in range(rounds):
             # Rotate the order each round: whichever runs first after a pause tends to be slower.
-            for name, llm, distinct in runs[r % len(runs):] + runs[: r % len(runs)]:
+            for name, llm, distinct in runs[r % len(runs) :] + runs[: r % len(runs)]:
                 tok_s.setdefault(name, []).append(_vllm_tok_s(llm, prompts, _alphas(num_prompts, distinct), max_tokens))
                 _log(f"round {r + 1}/{rounds} {name:>12}: {tok_s[name][-1]:8.1f} tok/s")
         for llm in engines.values():
             close_llm(llm)
     results = {name: max(values) for name, values in tok_s.items()}
     if hf:
-        results["HF + hooks"] = _hf_tok_s(model_dir, vector, prompts, _alphas(num_prompts, 3), max_tokens, batch=num_prompts)
-    base, stock_base = results["unsteered"], results.get("stock vLLM")
-    click.echo(f"model {model_dir}  prompts {num_prompts}  max_tokens {max_tokens}  {'eager' if eager else 'compiled'}  "
-               f"all layers steered  best of {rounds} rounds")
-    click.echo(f"{'configuration':<16}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}")
-    for name, value in results.items():
-        vs_stock = f"{value / stock_base:>10.3f}" if stock_base else ""
-        click.echo(f"{name:<16}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
-    if "256 alphas" in results:
-        click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")
-    if json_out:
-        json_out.write_text(json.dumps({"model": str(model_dir), "num_prompts": num_prompts, "max_tokens": max_tokens, "tok_s": results}, indent=2))
-    sys.stdout.flush()
+        results["HF + hooks"] = _hf_tok_s(
+            model_dir, vector, prompts, _alphas(num_prompts, 3), max_tokens, batch=num_prompts
+        )
+    return results
 
 
-@click.command("bench-extract")
-@click.option("--model", "model_path", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="HF model folder (default: the embedded SmolLM2-135M-Instruct).")
-@click.option("--method", default="mean_diff", show_default=True)
-def bench_extract(model_path, method):
-    """Extraction time for the 581 RepE happy/sad pairs: capture in vLLM vs the HF path."""
+def bench_extract(model: str | Path | None = None, method: str = "mean_diff") -> dict:
+    """Extraction time for the 581 RepE happy/sad pairs on every layer: capture in vLLM vs the HF
+    path; {"seconds": {"vllm": s, "hf": s}, "worst_relative_difference": d, ...}."""
     from transformers import AutoConfig
 
     from steer_batch.data import sentence_beginnings
-    from steer_batch.engine.default_model import default_model_dir
-    from steer_batch.engine.extract import extract
+    from steer_batch.jobs.extract import extract
+    from steer_batch.jobs.models import resolve_model
 
-    model_dir = model_path or default_model_dir()
+    model_dir = resolve_model(model)
     suffixes = sentence_beginnings()
     layers = list(range(AutoConfig.from_pretrained(model_dir).num_hidden_layers))
     seconds, vectors = {}, {}
@@ -170,7 +175,11 @@ def bench_extract(model_path, method):
         float((vectors["vllm"].directions[i] - vectors["hf"].directions[i]).norm() / vectors["hf"].directions[i].norm())
         for i in layers
     )
-    click.echo(f"model {model_dir}  {len(suffixes)} pairs  {len(layers)} layers  {method}")
-    click.echo(f"vLLM capture {seconds['vllm']:.1f} s (engine start-up included)  HF {seconds['hf']:.1f} s  "
-               f"HF/vLLM time {seconds['hf'] / seconds['vllm']:.2f}x")
-    click.echo(f"largest relative difference between the two vectors over layers: {worst:.2e}")
+    return {
+        "model": str(model_dir),
+        "pairs": len(suffixes),
+        "layers": len(layers),
+        "method": method,
+        "seconds": seconds,
+        "worst_relative_difference": worst,
+    }

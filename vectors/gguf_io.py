@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from steer_batch.errors import SteerBatchError
+from steer_batch.vectors.vector import SteeringVector
+
 ARCH = "controlvector"
 _OURS = "steer_batch."
 
@@ -22,15 +25,23 @@ def export_gguf(vector, path: str | Path, *, drop_layer_0: bool = False) -> list
     layers = vector.layers
     if 0 in layers:
         if not drop_layer_0:
-            raise ValueError("llama.cpp cannot steer block 0 (it rejects direction.0): drop layer 0 (drop_layer_0=True, "
-                             "CLI --drop-layer-0) or extract without it; indices are never shifted")
+            raise SteerBatchError(
+                "llama.cpp cannot steer block 0 (it rejects direction.0): drop layer 0 (drop_layer_0=True, "
+                "CLI --drop-layer-0) or extract without it; indices are never shifted"
+            )
         layers = [i for i in layers if i != 0]
         if not layers:
-            raise ValueError("the vector only holds layer 0, which llama.cpp cannot steer; nothing to export")
+            raise SteerBatchError("the vector only holds layer 0, which llama.cpp cannot steer; nothing to export")
     writer = gguf.GGUFWriter(str(path), ARCH)
     writer.add_string(f"{ARCH}.model_hint", _model_hint(vector.model))
     writer.add_uint32(f"{ARCH}.layer_count", len(layers))
-    meta = {"model": vector.model, "method": vector.method, "concept": vector.concept, "num_layers": str(vector.num_layers), **vector.metadata}
+    meta = {
+        "model": vector.model,
+        "method": vector.method,
+        "concept": vector.concept,
+        "num_layers": str(vector.num_layers),
+        **vector.metadata,
+    }
     for key, value in meta.items():
         writer.add_string(_OURS + key, value)
     for i in layers:
@@ -46,25 +57,26 @@ def import_gguf(path: str | Path, num_layers: int | None = None):
     """Read a GGUF control vector (ours, repeng's or llama.cpp's) into a SteeringVector."""
     import gguf
 
-    from steer_batch import SteeringVector
-
     reader = gguf.GGUFReader(str(path))
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     if fields.get("general.architecture") != ARCH:
-        raise ValueError(f"{path}: general.architecture is {fields.get('general.architecture')!r}; a control vector has {ARCH!r}")
+        raise SteerBatchError(
+            f"{path}: general.architecture is {fields.get('general.architecture')!r}; a control vector has {ARCH!r}"
+        )
     directions = {}
     for tensor in reader.tensors:
         prefix, _, index = tensor.name.partition(".")
         if prefix != "direction" or not index.isdigit():
-            raise ValueError(f"{path}: tensor {tensor.name!r} is not named direction.<N>")
+            raise SteerBatchError(f"{path}: tensor {tensor.name!r} is not named direction.<N>")
         directions[int(index)] = np.array(tensor.data, dtype=np.float32).reshape(-1)
     if not directions:
-        raise ValueError(f"{path}: holds no direction.<N> tensors")
+        raise SteerBatchError(f"{path}: holds no direction.<N> tensors")
     ours = {k[len(_OURS) :]: v for k, v in fields.items() if k.startswith(_OURS)}
     num_layers = num_layers or int(ours.pop("num_layers", max(directions) + 1))
     ours.pop("num_layers", None)
     return SteeringVector(
-        directions, num_layers,
+        directions,
+        num_layers,
         model=ours.pop("model", fields.get(f"{ARCH}.model_hint", "")),
         method=ours.pop("method", "gguf"),
         concept=ours.pop("concept", ""),

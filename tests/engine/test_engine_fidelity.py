@@ -16,7 +16,10 @@ STEER = [None, ("a", 0.0), ("a", 1.0), ("a", -1.5), ("a", 2.5), ("b", -2.0)] * 4
 # "fused": the steering add folded into the next layer's RMSNorm (the GPU default), run here
 # through the same custom op's CPU implementation.
 MODES = [(f, mode) for f in FAMILIES for mode in ("eager", "compiled")] + [
-    ("llama", "fused-eager"), ("llama", "fused-compiled"), ("qwen3", "fused-compiled"), ("gemma2", "fused-eager"),
+    ("llama", "fused-eager"),
+    ("llama", "fused-compiled"),
+    ("qwen3", "fused-compiled"),
+    ("gemma2", "fused-eager"),
 ]
 
 
@@ -26,14 +29,19 @@ def engine(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(family)
     model_dir = make_model(family, folder / "model")
     scale = VECTOR_SCALE.get(family, 1.0)
-    vectors = {"a": make_vector(model_dir, [1, 2], seed=1, scale=scale), "b": make_vector(model_dir, [0, 3], seed=2, scale=scale)}
+    vectors = {
+        "a": make_vector(model_dir, [1, 2], seed=1, scale=scale),
+        "b": make_vector(model_dir, [0, 3], seed=2, scale=scale),
+    }
     paths = {}
     for name, v in vectors.items():
         paths[name] = folder / f"{name}.safetensors"
         v.save(paths[name])
     # max_num_batched_tokens 64 < the longest prompts: prefill is chunked and mixed with decodes.
     steering = {"steering": {"steer_op": "fused" if mode.startswith("fused") else "add"}}
-    llm = make_llm(model_dir, paths, eager=mode.endswith("eager"), max_num_batched_tokens=64, additional_config=steering)
+    llm = make_llm(
+        model_dir, paths, eager=mode.endswith("eager"), max_num_batched_tokens=64, additional_config=steering
+    )
     yield llm, model_dir, vectors, (family, mode)
     close_llm(llm)
 
@@ -53,10 +61,15 @@ def test_mixed_batch_matches_oracle(engine):
     llm, model_dir, vectors, _ = engine
     prompts = make_prompts(len(STEER), seed=0, max_len=90)
     got = generate(llm, prompts, N_TOKENS, STEER)
-    want = [oracle_greedy(model_dir, p, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0) for p, s in zip(prompts, STEER)]
+    want = [
+        oracle_greedy(model_dir, p, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0)
+        for p, s in zip(prompts, STEER)
+    ]
     plain = [oracle_greedy(model_dir, p, N_TOKENS) for p in prompts]
     # The test can fail: steering must change what most steered requests generate.
     changed = sum(w != u for w, u, s in zip(want, plain, STEER) if s and s[1])
-    assert changed >= 8, f"steering changed only {changed} of 16 steered requests; the vectors are too weak to test anything"
+    assert changed >= 8, (
+        f"steering changed only {changed} of 16 steered requests; the vectors are too weak to test anything"
+    )
     mismatches = [(i, s, g, w) for i, (g, w, s) in enumerate(zip(got, want, STEER)) if g != w]
     assert not mismatches, f"{len(mismatches)} requests differ from the oracle, first: {mismatches[0]}"

@@ -9,7 +9,13 @@ from steer_batch import SteeringVector
 
 def vec(layers=(1, 3), hidden=8, num_layers=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return SteeringVector({i: torch.randn(hidden, generator=g) for i in layers}, num_layers, model="m", method="mean_diff", concept="happy")
+    return SteeringVector(
+        {i: torch.randn(hidden, generator=g) for i in layers},
+        num_layers,
+        model="m",
+        method="mean_diff",
+        concept="happy",
+    )
 
 
 def test_round_trip_keeps_directions_and_metadata(tmp_path):
@@ -30,7 +36,11 @@ def test_file_holds_the_documented_keys(tmp_path):
     with safe_open(str(tmp_path / "v.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["layers.1", "layers.3"]
         meta = f.metadata()
-    assert {k: meta[k] for k in ("hidden_size", "num_layers", "format_version")} == {"hidden_size": "8", "num_layers": "4", "format_version": "1"}
+    assert {k: meta[k] for k in ("hidden_size", "num_layers", "format_version")} == {
+        "hidden_size": "8",
+        "num_layers": "4",
+        "format_version": "1",
+    }
 
 
 def test_arithmetic():

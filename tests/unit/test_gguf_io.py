@@ -6,13 +6,19 @@ import pytest
 import torch
 
 from steer_batch import SteeringVector
-from steer_batch.engine.gguf_io import export_gguf, import_gguf
+from steer_batch.vectors.gguf_io import export_gguf, import_gguf
 
 
 def vec(layers=(3, 7, 12)):
     g = torch.Generator().manual_seed(0)
-    return SteeringVector({i: torch.randn(16, generator=g) for i in layers}, 30, model="/cache/SmolLM2-135M-Instruct",
-                          method="mean_diff", concept="happy - sad", metadata={"template": "Act as if you're extremely {persona}."})
+    return SteeringVector(
+        {i: torch.randn(16, generator=g) for i in layers},
+        30,
+        model="/cache/SmolLM2-135M-Instruct",
+        method="mean_diff",
+        concept="happy - sad",
+        metadata={"template": "Act as if you're extremely {persona}."},
+    )
 
 
 def test_round_trip_keeps_names_shapes_values_metadata(tmp_path):

@@ -35,8 +35,13 @@ MAX_ABS_ALPHA = 3e38
 @pytest.fixture(scope="module")
 def llm(setup):
     _, model_dir, _, paths = setup
-    llm = make_llm(model_dir, paths, max_num_batched_tokens=64, enable_prefix_caching=True,
-                   additional_config={"steering": {"max_abs_alpha": MAX_ABS_ALPHA}})
+    llm = make_llm(
+        model_dir,
+        paths,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=True,
+        additional_config={"steering": {"max_abs_alpha": MAX_ABS_ALPHA}},
+    )
     yield llm
     close_llm(llm)
 
@@ -75,7 +80,10 @@ def test_batch_equals_solo_runs_and_oracle(setup, llm):
     steer = [("a", 2.0), ("a", -2.0), ("a", 0.7), ("b", 3.0), None, ("b", -1.0)]
     batch = generate(llm, prompts, N_TOKENS, steer)
     solo = [generate(llm, [p], N_TOKENS, [s])[0] for p, s in zip(prompts, steer)]
-    oracle = [oracle_greedy(model_dir, p, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0) for p, s in zip(prompts, steer)]
+    oracle = [
+        oracle_greedy(model_dir, p, N_TOKENS, vectors[s[0]] if s else None, s[1] if s else 0.0)
+        for p, s in zip(prompts, steer)
+    ]
     assert batch == solo
     assert batch == oracle
 
@@ -92,7 +100,9 @@ def test_prefix_cache_never_crosses_steering_settings(setup, llm):
     prompt = make_prompts(1, seed=5, min_len=300, max_len=300)[0]
 
     def oracle(steer):
-        return oracle_greedy(model_dir, prompt, N_TOKENS, vectors[steer[0]] if steer else None, steer[1] if steer else 0.0)
+        return oracle_greedy(
+            model_dir, prompt, N_TOKENS, vectors[steer[0]] if steer else None, steer[1] if steer else 0.0
+        )
 
     first, cached = _run(llm, prompt, ("a", 2.0))
     assert first == oracle(("a", 2.0)) and cached == 0
@@ -110,14 +120,38 @@ def test_prefix_cache_never_crosses_steering_settings(setup, llm):
 @pytest.mark.parametrize(
     "extra, field, message",
     [
-        ({"steering_vector": "sad", "steering_alpha": 1.0}, "steering_vector", r"'sad' is not a vector of this engine; allowed: \['a', 'b'\]"),
-        ({"steering_vector": "a", "steering_alpha": math.nan}, "steering_alpha", "steering_alpha=nan must be a finite number"),
-        ({"steering_vector": "a", "steering_alpha": math.inf}, "steering_alpha", "steering_alpha=inf must be a finite number"),
-        ({"steering_vector": "a", "steering_alpha": "4"}, "steering_alpha", "steering_alpha='4' must be a finite number"),
+        (
+            {"steering_vector": "sad", "steering_alpha": 1.0},
+            "steering_vector",
+            r"'sad' is not a vector of this engine; allowed: \['a', 'b'\]",
+        ),
+        (
+            {"steering_vector": "a", "steering_alpha": math.nan},
+            "steering_alpha",
+            "steering_alpha=nan must be a finite number",
+        ),
+        (
+            {"steering_vector": "a", "steering_alpha": math.inf},
+            "steering_alpha",
+            "steering_alpha=inf must be a finite number",
+        ),
+        (
+            {"steering_vector": "a", "steering_alpha": "4"},
+            "steering_alpha",
+            "steering_alpha='4' must be a finite number",
+        ),
         ({"steering_vector": ["a"], "steering_alpha": 1.0}, "steering_vector", "is not a vector of this engine"),
-        ({"steering_vector": "a", "steering_alpha": 1.0, "steering_layers": [1]}, "steering_layers", "unknown steering argument 'steering_layers'"),
+        (
+            {"steering_vector": "a", "steering_alpha": 1.0, "steering_layers": [1]},
+            "steering_layers",
+            "unknown steering argument 'steering_layers'",
+        ),
         ({"steering_alpha": 1.0}, "steering_vector", "steering_vector is missing"),
-        ({"steering_vector": "a", "steering_alpha": 1e39}, "steering_alpha", r"steering_alpha=1e\+39 is outside \[-3e\+38, 3e\+38\], this engine's max_abs_alpha"),
+        (
+            {"steering_vector": "a", "steering_alpha": 1e39},
+            "steering_alpha",
+            r"steering_alpha=1e\+39 is outside \[-3e\+38, 3e\+38\], this engine's max_abs_alpha",
+        ),
     ],
 )
 def test_bad_request_fails_alone(setup, llm, extra, field, message):
@@ -145,8 +179,15 @@ def test_extreme_requests_change_no_other_request(llm):
     prompts = make_prompts(24, seed=20, min_len=5, max_len=60)
     steer = [("a", -1.0), None, ("a", 0.0), ("b", 1.5)] * 6
     solo = [generate(llm, [p], N_TOKENS, [s])[0] for p, s in zip(prompts, steer)]
-    extreme = [SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True,
-                              extra_args={"steering_vector": "a", "steering_alpha": a}) for a in EXTREME]
+    extreme = [
+        SamplingParams(
+            max_tokens=N_TOKENS,
+            temperature=0.0,
+            ignore_eos=True,
+            extra_args={"steering_vector": "a", "steering_alpha": a},
+        )
+        for a in EXTREME
+    ]
     # Longer than any request that follows (one 128-token KV block each on CPU), so a request that
     # gets a freed block later always reads slots the extreme one wrote.
     long_prompts = make_prompts(len(EXTREME), seed=21, min_len=100, max_len=120)
@@ -192,7 +233,9 @@ def test_engine_refuses_vectors_that_do_not_fit(setup, change, message):
 def test_engine_refuses_unsupported_architecture(setup, tmp_path):
     folder, _, _, paths = setup
     gpt2 = make_model("gpt2", tmp_path / "gpt2")
-    with pytest.raises(ValueError, match=r"cannot steer architecture GPT2LMHeadModel; supported: \['Gemma2ForCausalLM'"):
+    with pytest.raises(
+        ValueError, match=r"cannot steer architecture GPT2LMHeadModel; supported: \['Gemma2ForCausalLM'"
+    ):
         make_llm(gpt2, {"a": paths["a"]})
 
 
@@ -240,7 +283,10 @@ def test_compile_cache_key_follows_the_steered_layers(setup, tmp_path):
 def test_steering_left_out_of_vllm_plugins_is_refused_before_start(setup, monkeypatch):
     _, model_dir, _, paths = setup
     monkeypatch.setenv("VLLM_PLUGINS", "some_other_plugin")
-    with pytest.raises(RuntimeError, match=r"VLLM_PLUGINS='some_other_plugin' leaves out 'steer_batch'.*VLLM_PLUGINS=some_other_plugin,steer_batch"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"VLLM_PLUGINS='some_other_plugin' leaves out 'steer_batch'.*VLLM_PLUGINS=some_other_plugin,steer_batch",
+    ):
         make_llm(model_dir, paths)
 
 

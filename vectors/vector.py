@@ -9,11 +9,15 @@ to the residual-stream output of decoder layer i at every token position: Huggin
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from steer_batch.errors import MissingFile, SteerBatchError
 
 FORMAT_VERSION = "1"
 _LAYER_KEY = re.compile(r"layers\.(\d+)")
@@ -33,17 +37,19 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if not self.directions:
-            raise ValueError("a SteeringVector needs at least one layer direction")
+            raise SteerBatchError("a SteeringVector needs at least one layer direction")
         self.directions = {
             int(i): torch.as_tensor(d, dtype=torch.float32).detach().cpu().contiguous()
             for i, d in sorted(self.directions.items())
         }
         sizes = {tuple(d.shape) for d in self.directions.values()}
         if len(sizes) != 1 or len(next(iter(sizes))) != 1:
-            raise ValueError(f"every direction must be 1-D of one hidden size; got shapes {sorted(sizes)}")
+            raise SteerBatchError(f"every direction must be 1-D of one hidden size; got shapes {sorted(sizes)}")
         bad = [i for i in self.directions if not 0 <= i < self.num_layers]
         if bad:
-            raise ValueError(f"layer indices {bad} are outside 0..{self.num_layers - 1} (num_layers={self.num_layers})")
+            raise SteerBatchError(
+                f"layer indices {bad} are outside 0..{self.num_layers - 1} (num_layers={self.num_layers})"
+            )
 
     @property
     def hidden_size(self) -> int:
@@ -72,7 +78,7 @@ class SteeringVector:
         if not isinstance(other, SteeringVector):
             return NotImplemented
         if (other.hidden_size, other.num_layers) != (self.hidden_size, self.num_layers):
-            raise ValueError(
+            raise SteerBatchError(
                 f"cannot combine vectors of different models: hidden_size/num_layers "
                 f"{self.hidden_size}/{self.num_layers} vs {other.hidden_size}/{other.num_layers}"
             )
@@ -85,6 +91,7 @@ class SteeringVector:
 
     # -- file format ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
+        """Write the vector file whole or not at all (a temporary file beside it, then renamed)."""
         from safetensors.torch import save_file
 
         metadata = {
@@ -96,7 +103,16 @@ class SteeringVector:
             "concept": self.concept,
             "format_version": FORMAT_VERSION,
         }
-        save_file({f"layers.{i}": d for i, d in self.directions.items()}, str(path), metadata=metadata)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({f"layers.{i}": d for i, d in self.directions.items()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
@@ -105,28 +121,34 @@ class SteeringVector:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"steering vector file {str(path)!r} does not exist")
+            raise MissingFile(f"steering vector file {str(path)!r} does not exist")
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+            raise SteerBatchError(f"{path}: not a readable safetensors file ({e})") from e
         missing = [k for k in _REQUIRED_METADATA if k not in metadata]
         if missing:
-            raise ValueError(f"{path}: metadata lacks {missing}; a steer-batch vector file has {list(_REQUIRED_METADATA)}")
+            raise SteerBatchError(
+                f"{path}: metadata lacks {missing}; a steer-batch vector file has {list(_REQUIRED_METADATA)}"
+            )
         if metadata["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {metadata['format_version']!r}; this steer-batch reads {FORMAT_VERSION!r}")
+            raise SteerBatchError(
+                f"{path}: format_version {metadata['format_version']!r}; this steer-batch reads {FORMAT_VERSION!r}"
+            )
         directions = {}
         for key, t in tensors.items():
             m = _LAYER_KEY.fullmatch(key)
             if m is None:
-                raise ValueError(f"{path}: tensor {key!r} is not named layers.<i>")
+                raise SteerBatchError(f"{path}: tensor {key!r} is not named layers.<i>")
             if t.dtype != torch.float32 or t.dim() != 1:
-                raise ValueError(f"{path}: {key} must be a 1-D float32 tensor; found {t.dtype} of shape {list(t.shape)}")
+                raise SteerBatchError(
+                    f"{path}: {key} must be a 1-D float32 tensor; found {t.dtype} of shape {list(t.shape)}"
+                )
             directions[int(m.group(1))] = t
         if not directions:
-            raise ValueError(f"{path}: holds no layers.<i> tensors")
+            raise SteerBatchError(f"{path}: holds no layers.<i> tensors")
         hidden, num_layers = int(metadata.pop("hidden_size")), int(metadata.pop("num_layers"))
         vector = cls(
             directions,
@@ -145,7 +167,7 @@ class SteeringVector:
         try:
             vector = cls.load(path)
             vector.check_fits(hidden_size, num_layers, source=str(path))
-        except (ValueError, FileNotFoundError) as e:
+        except SteerBatchError as e:
             raise type(e)(f"steering vector {name!r}: {e}") from None
         return vector
 
@@ -153,13 +175,15 @@ class SteeringVector:
         """Raise ValueError naming the layer, expected and found when this vector cannot steer
         a model of `hidden_size` x `num_layers`, or holds NaN/inf."""
         if self.num_layers != num_layers:
-            raise ValueError(f"{source}: made for {self.num_layers} layers; expected {num_layers}")
+            raise SteerBatchError(f"{source}: made for {self.num_layers} layers; expected {num_layers}")
         for i, d in self.directions.items():
             if d.shape[0] != hidden_size:
-                raise ValueError(f"{source}: layers.{i} has hidden size {d.shape[0]}; expected {hidden_size}")
+                raise SteerBatchError(f"{source}: layers.{i} has hidden size {d.shape[0]}; expected {hidden_size}")
             if not bool(torch.isfinite(d).all()):
-                raise ValueError(f"{source}: layers.{i} holds NaN or inf; expected finite values")
+                raise SteerBatchError(f"{source}: layers.{i} holds NaN or inf; expected finite values")
 
     def __repr__(self) -> str:
         norms = ", ".join(f"{i}: {d.norm():.3g}" for i, d in self.directions.items())
-        return f"SteeringVector(concept={self.concept!r}, method={self.method!r}, model={self.model!r}, norms={{{norms}}})"
+        return (
+            f"SteeringVector(concept={self.concept!r}, method={self.method!r}, model={self.model!r}, norms={{{norms}}})"
+        )

@@ -1,0 +1,54 @@
+"""The files of a run folder: their names, the Arrow schemas, and the (prompt_id, alpha) key
+that ties their rows together. Written by jobs/run.py, eval/classify.py and eval/report.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from steer_batch.errors import MissingFile
+
+MANIFEST = "manifest.json"
+GENERATIONS = "generations.arrow"
+SENTIMENT = "sentiment.arrow"
+SUMMARY = "summary.arrow"
+REPORT = "report.md"
+FIGURE = "sentiment.png"
+
+GENERATIONS_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("prompt", pa.string()),
+        ("alpha", pa.float32()),
+        ("vector", pa.string()),
+        ("text", pa.string()),
+        ("token_ids", pa.list_(pa.int32())),
+        ("num_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("seed", pa.int64()),
+    ]
+)
+SENTIMENT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.int32()),
+        ("alpha", pa.float32()),
+        ("classifier", pa.string()),
+        ("p_negative", pa.float32()),
+        ("p_neutral", pa.float32()),
+        ("p_positive", pa.float32()),
+    ]
+)
+
+
+def row_keys(table: pa.Table) -> set[tuple[int, float]]:
+    """The (prompt_id, alpha) keys of a run table (generations or sentiment)."""
+    return set(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
+
+
+def require(out: Path, name: str, made_by: str) -> Path:
+    """`out/name`, or an error saying which command makes it."""
+    path = Path(out) / name
+    if not path.is_file():
+        raise MissingFile(f"{out} holds no {name}: {made_by} first")
+    return path

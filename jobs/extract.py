@@ -1,0 +1,168 @@
+"""`steer-batch extract`: a contrastive steering vector for a positive minus a negative persona,
+from hidden states captured inside vLLM (engine/capture.py) or by the HF reference (forward
+hooks); and the default happy - sad vector that `run` uses, extracted once and cached.
+
+    from steer_batch.jobs.extract import extract_file
+    vector = extract_file("happy.safetensors", positive="happy", negative="sad", layers="8-20")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from steer_batch.errors import SteerBatchError
+from steer_batch.jobs.models import cache_dir, model_hash, resolve_model
+from steer_batch.vectors.methods import build_vector
+from steer_batch.vectors.prompts import DEFAULT_TEMPLATE, check_template, pair_prompts, read_strings
+from steer_batch.vectors.vector import SteeringVector
+
+CAPTURES = ("vllm", "hf")
+# The default vector: the happy - sad mean difference at layers 8-20, divided by 4, so alpha +-4
+# is where the raw difference at +-1 is on SmolLM2: clearly shifted, still readable.
+DEFAULT_LAYERS = "8-20"
+DEFAULT_SCALE = 0.25
+
+
+def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
+    """ "all", "8-20", "3,5,7", a mix ("1-3,9"), or a list -> sorted 0-based layer indices."""
+    if spec == "all":
+        return list(range(num_layers))
+    layers: set[int] = set()
+    if isinstance(spec, str):
+        try:
+            for part in spec.split(","):
+                lo, _, hi = part.partition("-")
+                layers.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise SteerBatchError(
+                f"{spec!r}: give 'all', a range like 8-20 or a list like 3,5,7", param="layers"
+            ) from None
+    else:
+        layers = set(spec)
+    bad = sorted(i for i in layers if not 0 <= i < num_layers)
+    if bad or not layers:
+        raise SteerBatchError(
+            f"{spec!r}: layers {bad} are outside 0..{num_layers - 1} (this model has {num_layers})", param="layers"
+        )
+    return sorted(layers)
+
+
+def hf_last_token_states(model, tokenizer, prompts: list[str], layers: list[int], batch: int = 64):
+    """The HF reference capture: [len(prompts), len(layers), hidden] float32, the output of each
+    decoder layer at the last token (forward hooks, so the last layer is not the normed entry)."""
+    captured: dict[int, torch.Tensor] = {}
+    last = torch.zeros(0, dtype=torch.long)
+
+    def hook(module, args, out, i):
+        h = out[0] if isinstance(out, tuple) else out  # [batch, seq, hidden]
+        captured[i] = h[torch.arange(h.shape[0]), last].float()
+
+    handles = [model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)) for i in layers]
+    rows = []
+    try:
+        with torch.no_grad():
+            for lo in range(0, len(prompts), batch):
+                enc = tokenizer(prompts[lo : lo + batch], return_tensors="pt", padding=True)
+                last = enc["attention_mask"].sum(1) - 1  # right padding: index of the last real token
+                model(**enc)
+                rows.append(torch.stack([captured[i] for i in layers], dim=1))
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(rows)
+
+
+def extract(
+    model_dir: Path,
+    positive: str,
+    negative: str,
+    suffixes: list[str],
+    layers: list[int],
+    method: str = "mean_diff",
+    template: str = DEFAULT_TEMPLATE,
+    capture: str = "vllm",
+) -> SteeringVector:
+    """A steering vector for `positive` minus `negative`, with hidden states captured inside vLLM
+    (`capture="vllm"`, engine speed on any model vLLM runs) or by the HF reference (`"hf"`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if capture not in CAPTURES:
+        raise SteerBatchError(f"unknown capture {capture!r}; choose one of {list(CAPTURES)}", param="capture")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right")
+    prompts = {
+        side: pair_prompts(tokenizer, template, persona, suffixes)
+        for side, persona in (("p", positive), ("n", negative))
+    }
+    if capture == "vllm":
+        from steer_batch.engine.capture import capture_last_token_states
+
+        states = capture_last_token_states(model_dir, prompts["p"] + prompts["n"], layers)
+        p, n = torch.from_numpy(states[: len(suffixes)]), torch.from_numpy(states[len(suffixes) :])
+    else:
+        from transformers import AutoModelForCausalLM
+
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        p, n = (hf_last_token_states(model, tokenizer, prompts[side], layers) for side in ("p", "n"))
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    return build_vector(
+        p,
+        n,
+        layers,
+        num_layers,
+        method,
+        model=str(model_dir),
+        concept=f"{positive} - {negative}",
+        extra={"template": template, "capture": capture},
+    )
+
+
+def extract_file(
+    out: str | Path,
+    *,
+    positive: str,
+    negative: str,
+    model: str | Path | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    suffixes: str | Path | None = None,
+    layers: str | list[int] = "all",
+    method: str = "mean_diff",
+    capture: str = "vllm",
+) -> SteeringVector:
+    """`extract` from the CLI's arguments, written to `out` whole or not at all. model: an HF folder
+    or hub id (default: the embedded SmolLM2-135M-Instruct); suffixes: a JSON list of strings (default:
+    the 581 RepE sentence beginnings); layers: "all", "8-20", "3,5,7" or a list."""
+    from transformers import AutoConfig
+
+    from steer_batch.engine.launch import check_plugin_allowed
+
+    check_template(template)
+    if capture == "vllm":
+        check_plugin_allowed()
+    _, suffix_list = read_strings(suffixes, param="suffixes", item="suffix")
+    model_dir = resolve_model(model)
+    layer_list = parse_layers(layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    vector = extract(model_dir, positive, negative, suffix_list, layer_list, method, template, capture)
+    vector.save(out)
+    return vector
+
+
+def default_vector(model_dir: Path) -> Path:
+    """The happy - sad vector for `model_dir` (DEFAULT_LAYERS x DEFAULT_SCALE), extracted on
+    first use (581 RepE pairs, captured in vLLM) and cached under the model's hash."""
+    import sys
+
+    from transformers import AutoConfig
+
+    key = f"{model_dir.name}-{model_hash(model_dir)[:12]}-happy-sad-mean_diff-L{DEFAULT_LAYERS}-x{DEFAULT_SCALE:g}"
+    path = cache_dir() / "vectors" / f"{key}.safetensors"
+    if not path.is_file():
+        print("extracting the happy - sad vector (581 RepE pairs, captured in vLLM)...", file=sys.stderr)
+        _, suffixes = read_strings(None, param="suffixes", item="suffix")
+        layers = parse_layers(DEFAULT_LAYERS, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+        vector = extract(model_dir, "happy", "sad", suffixes, layers) * DEFAULT_SCALE
+        vector.metadata["scale"] = f"{DEFAULT_SCALE:g} x the raw mean difference"
+        vector.save(path)
+    return path

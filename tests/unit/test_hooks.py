@@ -1,0 +1,39 @@
+"""engine/hooks.py refuses a vLLM it was not checked against, and a wrapped method whose
+signature moved, naming the supported versions (the wraps themselves run in every engine test)."""
+
+import pytest
+
+from steer_batch.engine.hooks import PATCHES, Patch, check_signature, check_version
+from steer_batch.errors import SteerBatchError, SteeringNotInstalled
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.1", "0.33.0"])
+def test_checked_versions_pass(version):
+    check_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.34.0", "1.0.0", "0.3.2"])
+def test_other_versions_are_refused_naming_the_checked_ones(version):
+    with pytest.raises(
+        SteeringNotInstalled, match=rf"checked against vLLM 0\.32\.x, 0\.33\.x; this is vLLM {version}\b"
+    ):
+        check_version(version)
+
+
+def test_a_moved_signature_is_refused():
+    patch = Patch("m:C", "f", ("self", "scheduler_output", "num_scheduled_tokens"), "why", lambda f: f)
+
+    def same(self, scheduler_output, num_scheduled_tokens, extra=None):
+        pass
+
+    def moved(self, num_scheduled_tokens, scheduler_output):
+        pass
+
+    check_signature(patch, same, "0.32.0")
+    with pytest.raises(SteerBatchError, match=r"vLLM 0\.32\.0 changed m\.C\.f: its parameters are \('self', 'num_sch"):
+        check_signature(patch, moved, "0.32.0")
+
+
+def test_every_patch_says_why_and_what_it_relies_on():
+    assert len({p.name for p in PATCHES}) == len(PATCHES) == 5
+    assert all(p.params[0] == "self" and len(p.why) > 40 for p in PATCHES)

@@ -9,8 +9,12 @@ Engine:  additional_config={"steering": {"vectors": {"happy": "happy.safetensors
          "steer_op": "add" (a separate add after the layer, fused by torch.compile; the default)
          or "fused" (folded into the next RMSNorm by the kernels/ op; opt-in).
          "max_abs_alpha": the largest |steering_alpha| a request may ask for (DEFAULT_MAX_ABS_ALPHA).
-Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}
-         Flat scalar keys, so the same request works through `vllm serve` as `vllm_xargs`.
+         "max_vectors_per_request": how many entries one request may list (default 4).
+Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}, or several entries:
+         {"steering_vector": ["happy", "refusal"], "steering_alpha": [4, 1], "steering_op": ["add", "ablate"],
+          "steering_scope": "generated", "steering_positions": [0, -1]}
+         Flat keys holding scalars or lists of scalars, so the same request works through
+         `vllm serve` as `vllm_xargs`; `steering(...)` builds them.
 """
 
 from __future__ import annotations
@@ -27,20 +31,21 @@ CONFIG_KEY = "steering"
 REQUEST_PREFIX = "steering_"
 VECTOR_KEY = "steering_vector"
 ALPHA_KEY = "steering_alpha"
-REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY)
-_CONFIG_FIELDS = (
-    "vectors",
-    "capture",
-    "steer_op",
-    "max_abs_alpha",
-    "code",
-)  # "code" is written by the front end (a hash of the steering code)
+OP_KEY = "steering_op"
+SCOPE_KEY = "steering_scope"
+POSITIONS_KEY = "steering_positions"
+REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY, OP_KEY, SCOPE_KEY, POSITIONS_KEY)
+OPS = ("add", "ablate", "clamp")
+SCOPES = ("all", "prompt", "generated")
+# "code" is written by the front end (a hash of the steering code).
+_CONFIG_FIELDS = ("vectors", "capture", "steer_op", "max_abs_alpha", "max_vectors_per_request", "code")
 STEER_OPS = ("add", "fused")
 _VECTOR_FIELDS = ("path", "sha256", "layers")
 # Useful strengths are far below this: mean-difference vectors degrade text from |alpha| ~ 2, and
 # unit-norm PCA directions need about the model's mean-difference norm (1 to a few hundred on
 # common models). Above it a request is a typo (1e6 for 1e-6) or an attack, and is refused.
 DEFAULT_MAX_ABS_ALPHA = 1000.0
+DEFAULT_MAX_VECTORS_PER_REQUEST = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class SteeringConfig:
     capture: tuple[int, ...] = ()
     steer_op: str | None = None  # "add" or "fused"; None: the front end's default (engine/frontend.py)
     max_abs_alpha: float = DEFAULT_MAX_ABS_ALPHA
+    max_vectors_per_request: int = DEFAULT_MAX_VECTORS_PER_REQUEST
 
     @property
     def names(self) -> list[str]:
@@ -107,8 +113,14 @@ class SteeringConfig:
                 f'additional_config["steering"]["max_abs_alpha"]={max_abs_alpha!r}; expected a finite number > 0 '
                 f"(default {DEFAULT_MAX_ABS_ALPHA:g})"
             )
+        slots = raw.get("max_vectors_per_request", DEFAULT_MAX_VECTORS_PER_REQUEST)
+        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 64:
+            raise SteerBatchError(
+                f'additional_config["steering"]["max_vectors_per_request"]={slots!r}; expected an integer from 1 to 64 '
+                f"(default {DEFAULT_MAX_VECTORS_PER_REQUEST})"
+            )
         vectors = {_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()}
-        return cls(vectors, tuple(sorted(set(capture))), steer_op, float(max_abs_alpha))
+        return cls(vectors, tuple(sorted(set(capture))), steer_op, float(max_abs_alpha), slots)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +128,7 @@ class SteeringConfig:
             "capture": list(self.capture),
             "steer_op": self.steer_op,
             "max_abs_alpha": self.max_abs_alpha,
+            "max_vectors_per_request": self.max_vectors_per_request,
         }
 
 
@@ -156,10 +169,52 @@ class SteeringRequestError(SteerBatchError):
         self.field = field
 
 
-def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | None) -> tuple[str, float] | None:
-    """(vector name, alpha) for a steered request; None when it is stock vLLM (no steering_*
-    keys, or alpha 0). Raises SteeringRequestError naming the field and what is allowed."""
-    args = {k: v for k, v in (extra_args or {}).items() if k.startswith(REQUEST_PREFIX)}
+@dataclass(frozen=True)
+class Entry:
+    """One entry of a request's steering: at each layer where `vector` has a direction v, with
+    u = v / |v| and h the layer's residual-stream output, add: h + alpha v; ablate:
+    h - alpha (h . u) u; clamp: h + (alpha - h . u) u; applied to the tokens of `scope` ("all";
+    "prompt": positions < prompt length; "generated": the others)."""
+
+    vector: str
+    alpha: float
+    op: str = "add"
+    scope: str = "all"
+
+    @property
+    def no_op(self) -> bool:
+        return self.alpha == 0 and self.op != "clamp"
+
+    def coefficients(self) -> tuple[float, float, float]:
+        """(p, q, r) of the one update every op is: h + p v + (q + r (h . u)) u (kernels/steer.py)."""
+        return {"add": (self.alpha, 0.0, 0.0), "ablate": (0.0, 0.0, -self.alpha), "clamp": (0.0, self.alpha, -1.0)}[
+            self.op
+        ]
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """What one request asks for: its entries, applied in order at each layer (each sees the
+    result of the ones before), on the tokens of each entry's scope that also lie in
+    `positions` ([start, end) of the sequence, prompt position 0 first; end None: to the end)."""
+
+    entries: tuple[Entry, ...]
+    positions: tuple[int, int | None] = (0, None)
+
+    def bounds(self, entry: Entry, prompt_len: int) -> tuple[float, float]:
+        """[lo, hi) absolute positions that `entry` steers in a sequence whose prompt has
+        `prompt_len` tokens."""
+        lo, hi = {"all": (0, math.inf), "prompt": (0, prompt_len), "generated": (prompt_len, math.inf)}[entry.scope]
+        start, end = self.positions
+        return max(lo, start), min(hi, math.inf if end is None else end)
+
+
+def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | None) -> SteeringSpec | None:
+    """The steering spec of a request; None when it is stock vLLM (no steering_* keys, or every
+    entry a no-op: add or ablate with alpha 0). A key set to None counts as absent (Arrow fills
+    a row's missing keys with None). A scalar alpha, op or scope applies to every listed vector.
+    Raises SteeringRequestError naming the field and what is allowed."""
+    args = {k: v for k, v in (extra_args or {}).items() if k.startswith(REQUEST_PREFIX) and v is not None}
     if not args:
         return None
     unknown = sorted(set(args) - set(REQUEST_KEYS))
@@ -168,21 +223,60 @@ def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | No
             f"unknown steering argument {unknown[0]!r}; allowed: {list(REQUEST_KEYS)}", unknown[0]
         )
     if config is None:
+        first = next(iter(args))
         raise SteeringRequestError(
-            f"{list(args)[0]} given, but this engine was started without steering; start it with "
+            f"{first} given, but this engine was started without steering; start it with "
             'additional_config={"steering": {"vectors": {"name": "file.safetensors"}}}',
-            list(args)[0],
+            first,
         )
-    for key in REQUEST_KEYS:
+    for key in (VECTOR_KEY, ALPHA_KEY):
         if key not in args:
             raise SteeringRequestError(
                 f"{key} is missing; a steered request sets both {VECTOR_KEY} and {ALPHA_KEY}", key
             )
-    name, alpha = args[VECTOR_KEY], args[ALPHA_KEY]
-    if not isinstance(name, str) or name not in config.vectors:
+    names = _as_list(args[VECTOR_KEY])
+    if not 1 <= len(names) <= config.max_vectors_per_request:
         raise SteeringRequestError(
-            f"{VECTOR_KEY}={name!r} is not a vector of this engine; allowed: {config.names}", VECTOR_KEY
+            f"{VECTOR_KEY} lists {len(names)} vectors; this engine takes 1 to {config.max_vectors_per_request} "
+            "per request (its max_vectors_per_request)",
+            VECTOR_KEY,
         )
+    for name in names:
+        if not isinstance(name, str) or name not in config.vectors:
+            raise SteeringRequestError(
+                f"{VECTOR_KEY}={name!r} is not a vector of this engine; allowed: {config.names}", VECTOR_KEY
+            )
+    alphas = _per_entry(args, ALPHA_KEY, len(names))
+    for alpha in alphas:
+        _check_alpha(alpha, config)
+    ops = _choices(args, OP_KEY, len(names), OPS)
+    scopes = _choices(args, SCOPE_KEY, len(names), SCOPES)
+    spec = SteeringSpec(
+        tuple(Entry(n, float(a), o, s) for n, a, o, s in zip(names, alphas, ops, scopes)),
+        _positions(args.get(POSITIONS_KEY)),
+    )
+    return None if all(e.no_op for e in spec.entries) else spec
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _per_entry(args: dict[str, Any], key: str, count: int, default: Any = None) -> list[Any]:
+    """One value per listed vector: a scalar applies to all; a list must have one per vector."""
+    value = args.get(key, default)
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) != count:
+        raise SteeringRequestError(
+            f"{key} lists {len(value)} values for {count} vector(s) in {VECTOR_KEY}; give one per vector, "
+            "or one value for all",
+            key,
+        )
+    return list(value)
+
+
+def _check_alpha(alpha: Any, config: SteeringConfig) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise SteeringRequestError(f"{ALPHA_KEY}={alpha!r} must be a finite number (int or float)", ALPHA_KEY)
     if abs(alpha) > config.max_abs_alpha:
@@ -192,4 +286,57 @@ def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | No
             'start the engine with a larger additional_config["steering"]["max_abs_alpha"] if you mean it',
             ALPHA_KEY,
         )
-    return (name, float(alpha)) if alpha != 0 else None
+
+
+def _choices(args: dict[str, Any], key: str, count: int, allowed: tuple[str, ...]) -> list[str]:
+    values = _per_entry(args, key, count, allowed[0])
+    for value in values:
+        if value not in allowed:
+            raise SteeringRequestError(f"{key}={value!r}; allowed: {list(allowed)}", key)
+    return values
+
+
+def _positions(value: Any) -> tuple[int, int | None]:
+    if value is None:
+        return (0, None)
+    ints = isinstance(value, (list, tuple)) and len(value) == 2
+    ints = ints and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ints or value[0] < 0 or not (value[1] == -1 or value[1] > value[0]):
+        raise SteeringRequestError(
+            f"{POSITIONS_KEY}={value!r}; expected [start, end]: integers with 0 <= start and end > start, "
+            "or end -1 for the end of the sequence",
+            POSITIONS_KEY,
+        )
+    return (value[0], None if value[1] == -1 else value[1])
+
+
+def steering(*entries, scope: str | None = None, positions: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The `extra_args` of a steered request, so nobody spells the keys by hand:
+
+        steering("happy", 4)
+        steering(("happy", 4), ("refusal", 1.0, "ablate"), scope="generated")
+        steering("happy", 4, "add", "prompt", positions=(0, 4))      # ActAdd: the first 4 prompt tokens
+
+    Each entry is (vector, alpha[, op[, scope]]); `scope` applies to entries that name none. The
+    engine validates the result (errors name the field); pass it as
+    `SamplingParams(extra_args=...)` or as `vllm_xargs` to a server."""
+    if entries and isinstance(entries[0], str):
+        entries = (entries,)
+    if not entries:
+        raise SteerBatchError("steering() needs at least one entry, e.g. steering('happy', 4)")
+    rows = []
+    for entry in entries:
+        if not isinstance(entry, (tuple, list)) or not 2 <= len(entry) <= 4:
+            raise SteerBatchError(f"steering() entry {entry!r}: expected (vector, alpha[, op[, scope]])")
+        vector, alpha, op, entry_scope = (*entry, None, None)[:4]
+        rows.append((vector, alpha, op or OPS[0], entry_scope or scope or SCOPES[0]))
+    args = {}
+    for key, values, default in zip((VECTOR_KEY, ALPHA_KEY, OP_KEY, SCOPE_KEY), zip(*rows), (None, None, *_DEFAULTS)):
+        if default is None or any(v != default for v in values):
+            args[key] = values[0] if len(rows) == 1 else list(values)
+    if positions is not None:
+        args[POSITIONS_KEY] = list(positions)
+    return args
+
+
+_DEFAULTS = (OPS[0], SCOPES[0])

@@ -5,6 +5,7 @@ engine/hooks.py calls these from its wraps of vLLM."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def prepare_engine_config(vllm_config) -> None:
     # fused op's Triton kernel has only run under the interpreter so far.
     steer_op = config.steer_op or "add"
     vllm_config.additional_config[CONFIG_KEY] = {
-        **SteeringConfig(pinned, config.capture, steer_op, config.max_abs_alpha).to_dict(),
+        **dataclasses.replace(config, vectors=pinned, steer_op=steer_op).to_dict(),
         "code": _code_hash(),
     }
     _require_v1_runner(vllm_config)
@@ -103,20 +104,22 @@ def _require_v1_runner(vllm_config) -> None:
 
 def request_salt(processor, params) -> str | None:
     """Validate a request's steering_* keys (VLLMValidationError naming the field) and return its
-    prefix-cache salt: None for unsteered requests (alpha 0 included), so those share KV blocks
-    with stock traffic; distinct for every (vector file, alpha)."""
+    prefix-cache salt: None for unsteered requests (every entry a no-op included), so those
+    share KV blocks with stock traffic; otherwise it covers the whole spec: each entry's vector
+    file, alpha, op and scope, and the positions."""
     if not hasattr(processor, "_steer_batch_config"):
         processor._steer_batch_config = SteeringConfig.from_additional_config(processor.vllm_config.additional_config)
     config = processor._steer_batch_config
     extra_args = getattr(params, "extra_args", None)
     try:
-        steer = parse_request(extra_args, config)
+        spec = parse_request(extra_args, config)
     except SteeringRequestError as e:
         raise VLLMValidationError(str(e), parameter=e.field, value=(extra_args or {}).get(e.field)) from None
-    if steer is None:
+    if spec is None:
         return None
-    name, alpha = steer
-    return f"steer-batch:{name}:{config.vectors[name].sha256}:{alpha!r}"
+    sha = {name: vector.sha256 for name, vector in config.vectors.items()}
+    entries = ";".join(f"{e.vector}@{sha[e.vector]}:{e.alpha!r}:{e.op}:{e.scope}" for e in spec.entries)
+    return f"steer-batch:{entries}:{spec.positions}"
 
 
 def fail_non_finite(processor, outputs) -> list[str]:

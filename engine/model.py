@@ -36,23 +36,38 @@ NAN_COUNT_VARIABLE = "VLLM_COMPUTE_NANS_IN_LOGITS"
 
 
 class SteeringState(nn.Module):
-    """Per-token steering inputs shared by every steered layer: coeff [max_tokens] float32 and
-    vid [max_tokens] int32, zero where a token is not steered (and for CUDA-graph padding).
+    """Per-token steering inputs shared by every steered layer, one column per entry slot:
+    p, q, r [max_tokens, slots] float32 and vid [max_tokens, slots] int32, the coefficients of
+    h + p v + (q + r (h . u)) u (kernels/steer.py), zero where a slot or token is not steered
+    (and for CUDA-graph padding). The runner fills them before each forward (runner.py).
 
     Capture (eager engines only): before each forward the runner sets `capture_rows`, the flat
     token index of every prompt that ends in this step; captured layers store their output at
     those rows in `pending`, which the runner files under the request ids after the step.
     """
 
-    def __init__(self, names: list[str], max_tokens: int, capture_layers: tuple[int, ...] = ()):
+    def __init__(self, names: list[str], max_tokens: int, slots: int, capture_layers: tuple[int, ...] = ()):
         super().__init__()
         self.index = {name: i for i, name in enumerate(names)}
         self.capture_layers = capture_layers
         self.layout: dict[str, list[int]] = {"added": [], "folded": [], "captured": list(capture_layers)}
         self.capture_rows = torch.zeros(0, dtype=torch.long)
         self.pending: dict[int, torch.Tensor] = {}  # layer -> [len(capture_rows), hidden] float32, cpu
-        self.register_buffer("coeff", torch.zeros(max_tokens, dtype=torch.float32), persistent=False)
-        self.register_buffer("vid", torch.zeros(max_tokens, dtype=torch.int32), persistent=False)
+        for name in ("p", "q", "r"):
+            self.register_buffer(name, torch.zeros(max_tokens, slots, dtype=torch.float32), persistent=False)
+        self.register_buffer("vid", torch.zeros(max_tokens, slots, dtype=torch.int32), persistent=False)
+
+    def attach(self, module: nn.Module, V: torch.Tensor, U: torch.Tensor) -> None:
+        """Give `module` the per-token inputs and one layer's banks: V the raw directions, U the
+        unit directions, [num_vectors, hidden] (a zero row where a vector has none)."""
+        for name in ("p", "q", "r", "vid"):
+            module.register_buffer(f"steer_{name}", getattr(self, name), persistent=False)
+        module.register_buffer("steer_v", V, persistent=False)
+        module.register_buffer("steer_u", U, persistent=False)
+
+    @staticmethod
+    def inputs(module: nn.Module) -> tuple[torch.Tensor, ...]:
+        return module.steer_p, module.steer_q, module.steer_r, module.steer_vid, module.steer_v, module.steer_u
 
     def capture(self, layer: int, output: torch.Tensor) -> None:
         if len(self.capture_rows):
@@ -62,15 +77,13 @@ class SteeringState(nn.Module):
 class _SteeredLayer:
     """Mixed into a decoder layer's class; the layer's own forward runs unchanged first."""
 
-    steer_coeff: torch.Tensor
-    steer_vid: torch.Tensor
-    steer_bank: torch.Tensor | None  # [num_vectors, hidden], this layer's row of each vector (0 if absent)
+    steer_v: torch.Tensor | None  # None where the add is folded into the next norm, or the layer only captures
     steer_capture: tuple[SteeringState, int] | None  # (state, layer index) when this layer is captured
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
-        if self.steer_bank is not None:
-            hidden_states = steer_add(hidden_states, self.steer_coeff, self.steer_vid, self.steer_bank)
+        if self.steer_v is not None:
+            hidden_states = steer_add(hidden_states, residual, *SteeringState.inputs(self))
         if self.steer_capture is not None:
             state, layer = self.steer_capture
             state.capture(layer, hidden_states + residual)  # the layer's residual-stream output
@@ -79,13 +92,13 @@ class _SteeredLayer:
 
 class _SteeredNorm:
     """Mixed into the RMSNorm that consumes a steered layer's (hidden_states, residual): the
-    residual add, the steering add and the norm in one op (`steer_op="fused"`)."""
+    residual add, the steering and the norm in one op (`steer_op="fused"`)."""
 
     def forward(self, x, residual=None):
         if residual is None:
             return super().forward(x)
         return torch.ops.steer_batch.fused_add_rms_norm_steer(
-            x, residual, self.weight, self.variance_epsilon, self.steer_coeff, self.steer_vid, self.steer_bank
+            x, residual, self.weight, self.variance_epsilon, *SteeringState.inputs(self)
         )
 
 
@@ -128,7 +141,8 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     param = next(decoder.parameters())
     local = range(decoder.start_layer, decoder.end_layer)  # this pipeline stage's layers
     with torch.device(param.device):
-        state = SteeringState(list(vectors), max_tokens, tuple(i for i in config.capture if i in local))
+        captured = tuple(i for i in config.capture if i in local)
+        state = SteeringState(list(vectors), max_tokens, config.max_vectors_per_request, captured)
     steered = sorted({i for v in vectors.values() for i in v.layers if i in local})
     fused = config.steer_op == "fused" and not state.capture_layers  # capture reads the layer's own output
     folded = []
@@ -138,20 +152,18 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
         layer.steer_capture = (state, i) if i in state.capture_layers else None
         norm = _consumer_norm(decoder, i) if fused and i in steered else None
         if i not in steered or norm is not None:
-            layer.register_buffer("steer_bank", None, persistent=False)
+            layer.register_buffer("steer_v", None, persistent=False)
         if i not in steered:
             continue
-        bank = torch.stack(
-            [v.directions.get(i, torch.zeros(hf.hidden_size)) for v in vectors.values()]
-        )  # [num_vectors, hidden]
+        zero = torch.zeros(hf.hidden_size)
+        V = torch.stack([v.directions.get(i, zero) for v in vectors.values()])  # [vectors, hidden]
+        U = V / V.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # a zero row stays zero
         target = layer
         if norm is not None:
             swap_class(norm, _SteeredNorm)
             target = norm
             folded.append(i)
-        target.register_buffer("steer_bank", bank.to(param.device), persistent=False)
-        target.register_buffer("steer_coeff", state.coeff, persistent=False)
-        target.register_buffer("steer_vid", state.vid, persistent=False)
+        state.attach(target, V.to(param.device), U.to(param.device))
     state.layout.update(added=[i for i in steered if i not in folded], folded=folded)
     logger.info(
         "steer-batch: steering layers %s with vectors %s; capturing layers %s",

@@ -13,38 +13,50 @@ from steer_batch.engine.config import SteeringConfig, parse_request
 from steer_batch.engine.model import SteeringState
 from steer_batch.errors import SteeringNotInstalled
 
+# A request's plan: one column per entry slot, rows vid, p, q, r and the [lo, hi) absolute
+# positions the entry steers (its scope within the request's positions).
+_VID, _P, _Q, _R, _LO, _HI = range(6)
+
 
 class StepFiller:
-    """Writes coeff/vid for one step: per request (vector row, alpha), repeated over its tokens."""
+    """Writes the per-token coefficients for one step: each request's plan, repeated over its
+    scheduled tokens and zeroed where a token's absolute position lies outside an entry's
+    bounds. Positions are the sequence's own (num_computed_tokens + offset), so chunked prefill,
+    prefix-cache hits and recompute after preemption all see the same prompt/generated split."""
 
     def __init__(self, runner: GPUModelRunner, state: SteeringState):
         self.state = state
         self.config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
-        n = state.coeff.shape[0]
-        device = state.coeff.device
-        # Host staging with vLLM's own buffer type, so the copy follows the same ordering rules as
-        # the runner's input ids and positions. On CPU the staging is the model's buffer itself.
-        self.coeff = CpuGpuBuffer(n, dtype=torch.float32, device=device)
-        self.vid = CpuGpuBuffer(n, dtype=torch.int32, device=device)
-        if device.type == "cpu":
-            self.coeff.cpu, self.coeff.np, self.vid.cpu, self.vid.np = (
-                state.coeff,
-                state.coeff.numpy(),
-                state.vid,
-                state.vid.numpy(),
-            )
-        self.coeff.gpu, self.vid.gpu = state.coeff, state.vid
-        self.requests: dict[str, tuple[int, float]] = {}  # req_id -> (vector row, alpha); alpha 0 = unsteered
+        self.buffers = {name: self._staging(getattr(state, name)) for name in ("p", "q", "r", "vid")}
+        self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan; None: unsteered
+        self.unsteered = np.zeros((6, state.p.shape[1]))
         self.filled = 0  # tokens written last step; zeroed again before the next
         self.capture_ids: list[str] = []  # requests whose prompt ends in the step being run
         self.captured: dict[str, torch.Tensor] = {}  # req_id -> [capture layers, hidden] float32
 
-    def row(self, req_id: str, runner: GPUModelRunner) -> tuple[int, float]:
-        cached = self.requests.get(req_id)
-        if cached is None:
-            parsed = parse_request(runner.requests[req_id].sampling_params.extra_args, self.config)
-            cached = (self.state.index[parsed[0]], parsed[1]) if parsed else (0, 0.0)
-        return cached
+    @staticmethod
+    def _staging(target: torch.Tensor) -> CpuGpuBuffer:
+        # Host staging with vLLM's own buffer type, so the copy follows the same ordering rules as
+        # the runner's input ids and positions. On CPU the staging is the model's buffer itself.
+        buffer = CpuGpuBuffer(*target.shape, dtype=target.dtype, device=target.device)
+        if target.device.type == "cpu":
+            buffer.cpu, buffer.np = target, target.numpy()
+        buffer.gpu = target
+        return buffer
+
+    def plan(self, req_id: str, runner: GPUModelRunner) -> np.ndarray | None:
+        if req_id in self.plans:
+            return self.plans[req_id]
+        request = runner.requests[req_id]
+        spec = parse_request(request.sampling_params.extra_args, self.config)
+        if spec is None:
+            return None
+        plan = np.zeros((6, self.state.p.shape[1]))
+        for m, entry in enumerate(spec.entries):
+            plan[_VID, m] = self.state.index[entry.vector]
+            plan[_P : _R + 1, m] = entry.coefficients()
+            plan[_LO : _HI + 1, m] = spec.bounds(entry, request.num_prompt_tokens)
+        return plan
 
     def flush_captures(self) -> None:
         """File the last step's captured rows under their request ids."""
@@ -74,19 +86,32 @@ class StepFiller:
             self.flush_captures()
             self.plan_captures(runner, req_ids, num_scheduled_tokens)
         # Rebuilt every step from the live batch, so finished requests drop out by themselves.
-        self.requests = {rid: self.row(rid, runner) for rid in req_ids}
-        rows = np.fromiter((r for r, _ in self.requests.values()), dtype=np.int32, count=len(req_ids))
-        alphas = np.fromiter((a for _, a in self.requests.values()), dtype=np.float32, count=len(req_ids))
+        self.plans = {rid: self.plan(rid, runner) for rid in req_ids}
+        plans = [self.plans[rid] for rid in req_ids]
         n = int(num_scheduled_tokens.sum())
-        self.coeff.np[n : self.filled] = 0.0
-        self.vid.np[n : self.filled] = 0
-        self.coeff.np[:n] = np.repeat(alphas, num_scheduled_tokens)
-        self.vid.np[:n] = np.repeat(rows, num_scheduled_tokens)
-        if self.coeff.cpu is not self.coeff.gpu:
-            m = max(n, self.filled)
-            self.coeff.copy_to_gpu(m)
-            self.vid.copy_to_gpu(m)
+        for buffer in self.buffers.values():
+            buffer.np[n : self.filled] = 0
+        if any(plan is not None for plan in plans):
+            plans = [self.unsteered if plan is None else plan for plan in plans]
+            self._fill_steered(runner, num_scheduled_tokens, np.stack(plans), n)
+        else:
+            for buffer in self.buffers.values():
+                buffer.np[:n] = 0
+        if self.buffers["p"].cpu is not self.buffers["p"].gpu:
+            for buffer in self.buffers.values():
+                buffer.copy_to_gpu(max(n, self.filled))
         self.filled = n
+
+    def _fill_steered(self, runner, num_scheduled_tokens: np.ndarray, plans: np.ndarray, n: int) -> None:
+        """plans [requests, 6, slots] in the batch's order."""
+        request = np.repeat(np.arange(len(num_scheduled_tokens)), num_scheduled_tokens)  # [tokens]
+        starts = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
+        position = runner.input_batch.num_computed_tokens_cpu[request] + np.arange(n) - starts[request]
+        token_plans = plans[request]  # [tokens, 6, slots]
+        inside = (position[:, None] >= token_plans[:, _LO]) & (position[:, None] < token_plans[:, _HI])
+        for name, row in (("p", _P), ("q", _Q), ("r", _R)):
+            self.buffers[name].np[:n] = np.where(inside, token_plans[:, row], 0.0)
+        self.buffers["vid"].np[:n] = token_plans[:, _VID]
 
 
 def fill_step(runner: GPUModelRunner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:

@@ -3,13 +3,14 @@
     python kernels/gpu_check.py              # on a GPU machine, from the repository root
     TRITON_INTERPRET=1 python kernels/gpu_check.py --interpret   # correctness only, on CPU
 
-Needs only PyTorch and Triton (no vLLM, the project not installed). Correctness: fresh random
-inputs for fp32/fp16/bf16 over a grid of shapes, the Triton op against a float64 reference,
-outputs pre-filled with NaN so an unwritten element shows, and every output finite when one
-token is steered with alpha 1e30. Timing (CUDA events, median of many
-repeats after warm-up, inputs rotated through more memory than L2): the fused op with half the
-tokens steered, the same op with none steered, the unfused torch sequence (add, steer,
-rms_norm), that sequence under torch.compile, and a device-to-device copy of the same bytes.
+Needs only PyTorch and Triton (no vLLM, the project not installed). Each token carries two
+entries, a random mix of add, ablate and clamp. Correctness: fresh random inputs for
+fp32/fp16/bf16 over a grid of shapes, the Triton op against a float64 reference, outputs
+pre-filled with NaN so an unwritten element shows, and every output finite when one token is
+steered with alpha 1e30. Timing (CUDA events, median of many repeats after warm-up, inputs
+rotated through more memory than L2): the fused op with half the token slots steered, the same
+op with none steered, the torch sequence (add, steer, rms_norm), that sequence under
+torch.compile, and a device-to-device copy of the same bytes.
 """
 
 from __future__ import annotations
@@ -29,23 +30,39 @@ from kernels import triton_steer as tri  # noqa: E402
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}  # max error / max |reference|
 EPS = 1e-6
 NUM_VECTORS = 4
+SLOTS = 2  # entries per token: a random mix of add, ablate and clamp
 
 
 def make_inputs(tokens: int, hidden: int, dtype: torch.dtype, device: str, steered: float = 0.5, seed: int = 0):
+    """x, residual, weight, p, q, r, vid, V, U; a `steered` share of the token slots carries an
+    add, an ablate or a clamp (kernels/steer.py), the rest all-zero coefficients."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     residual = torch.randn(tokens, hidden, generator=g).to(device, dtype)
     weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(device, dtype)
-    bank = torch.randn(NUM_VECTORS, hidden, generator=g).to(device, torch.float32)
-    vid = torch.randint(0, NUM_VECTORS, (tokens,), generator=g, dtype=torch.int32).to(device)
-    coeff = torch.where(
-        torch.rand(tokens, generator=g) < steered, torch.randn(tokens, generator=g) * 4, torch.zeros(tokens)
-    )
-    return x, residual, weight, coeff.to(device, torch.float32), vid, bank
+    V = torch.randn(NUM_VECTORS, hidden, generator=g)
+    V[-1] = 0  # a vector without a direction at this layer
+    U = V / V.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    vid = torch.randint(0, NUM_VECTORS, (tokens, SLOTS), generator=g, dtype=torch.int32)
+    alpha = torch.randn(tokens, SLOTS, generator=g) * 4
+    op = torch.randint(0, 3, (tokens, SLOTS), generator=g)
+    on = torch.rand(tokens, SLOTS, generator=g) < steered
+    zero = torch.zeros_like(alpha)
+    p = torch.where(on & (op == 0), alpha, zero)
+    q = torch.where(on & (op == 2), alpha, zero)
+    r = torch.where(on & (op == 1), -alpha, torch.where(on & (op == 2), -1.0, zero))
+    floats = (p, q, r, V, U)
+    p, q, r, V, U = (t.to(device, torch.float32) for t in floats)
+    return x, residual, weight, p, q, r, vid.to(device), V, U
 
 
-def reference64(x, residual, weight, coeff, vid, bank):
-    s = x.double() + residual.double() + coeff.double()[:, None] * bank.double()[vid.long()]
+def reference64(x, residual, weight, p, q, r, vid, V, U):
+    """The same update in float64, token by token and entry by entry: the oracle."""
+    s = x.double() + residual.double()
+    for t in range(s.shape[0]):
+        for m in range(p.shape[1]):
+            v, u = V[vid[t, m]].double(), U[vid[t, m]].double()
+            s[t] = s[t] + p[t, m].double() * v + (q[t, m].double() + r[t, m].double() * (s[t] @ u)) * u
     return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + EPS) * weight.double(), s
 
 
@@ -57,11 +74,12 @@ def check(device: str, shapes, dtypes) -> list[str]:
     failures = []
     for dtype in dtypes:
         for tokens, hidden in shapes:
-            x, res, w, coeff, vid, bank = make_inputs(tokens, hidden, dtype, device)
-            want_out, want_res = reference64(x, res, w, coeff, vid, bank)
+            inputs = make_inputs(tokens, hidden, dtype, device)
+            x, res, w, p, q, r, vid, V, U = inputs
+            want_out, want_res = reference64(*inputs)
             out, res_out = torch.full_like(x, float("nan")), torch.full_like(res, float("nan"))
-            tri.fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank, out=out, residual_out=res_out)
-            torch_out, torch_res = ref.fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank)
+            tri.fused_add_rms_norm_steer(x, res, w, EPS, p, q, r, vid, V, U, out=out, residual_out=res_out)
+            torch_out, torch_res = ref.fused_add_rms_norm_steer(x, res, w, EPS, p, q, r, vid, V, U)
             for name, got, want in (
                 ("fused out", out, want_out),
                 ("fused residual", res_out, want_res),
@@ -77,9 +95,9 @@ def check(device: str, shapes, dtypes) -> list[str]:
                 if not ok:
                     failures.append(f"{name} {tokens}x{hidden} {dtype}: {err:.2e}")
             # An absurd alpha on the first token: the steered sum is clamped, never inf or NaN.
-            coeff[0] = 1e30
+            p[0, 0], vid[0, 0] = 1e30, 0
             for name, op in (("fused", tri.fused_add_rms_norm_steer), ("torch", ref.fused_add_rms_norm_steer)):
-                outs = op(x, res, w, EPS, coeff, vid, bank)
+                outs = op(x, res, w, EPS, p, q, r, vid, V, U)
                 ok = all(bool(torch.isfinite(t).all()) for t in outs)
                 print(
                     f"{'ok  ' if ok else 'FAIL'} {name + ' finite':<15} tokens={tokens:<6} hidden={hidden:<5} "
@@ -106,10 +124,9 @@ def cuda_time(fn, inputs: list, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def unfused(x, residual, weight, coeff, vid, bank):
-    s = x + residual
-    s = s + (coeff[:, None] * bank[vid.long()]).to(s.dtype)
-    return torch.nn.functional.rms_norm(s, (s.shape[-1],), weight, EPS), s
+def unfused(x, residual, weight, p, q, r, vid, V, U):
+    """The torch path (kernels/steer.py), which torch.compile may fuse."""
+    return ref.fused_add_rms_norm_steer(x, residual, weight, EPS, p, q, r, vid, V, U)
 
 
 def timing(dtype: torch.dtype) -> None:
@@ -128,7 +145,10 @@ def timing(dtype: torch.dtype) -> None:
             sets = max(2, int(3 * l2 // bytes_moved) + 1)  # rotate through > L2 of inputs
             steer_sets = [make_inputs(tokens, hidden, dtype, "cuda", 0.5, seed) for seed in range(sets)]
             none_sets = [make_inputs(tokens, hidden, dtype, "cuda", 0.0, seed) for seed in range(sets)]
-            fused = lambda x, r, w, c, v, b: tri.fused_add_rms_norm_steer(x, r, w, EPS, c, v, b, out=x, residual_out=r)  # noqa: E731
+
+            def fused(x, res, w, p, q, r, vid, V, U):
+                return tri.fused_add_rms_norm_steer(x, res, w, EPS, p, q, r, vid, V, U, out=x, residual_out=res)
+
             t_steer = cuda_time(fused, steer_sets)
             t_none = cuda_time(fused, none_sets)
             t_torch = cuda_time(unfused, steer_sets)

@@ -1,6 +1,6 @@
-"""The steering ops as torch custom ops (`torch.ops.steer_batch.*`), with fake implementations,
-so torch.compile and CUDA graphs treat them as single opaque nodes: the torch implementation on
-CPU, the Triton kernels on CUDA."""
+"""The fused steering op as a torch custom op (`torch.ops.steer_batch.fused_add_rms_norm_steer`)
+with a fake implementation, so torch.compile and CUDA graphs treat it as one opaque node: the
+torch implementation on CPU, the Triton kernel on CUDA. Arguments as kernels/steer.py."""
 
 import torch
 
@@ -13,20 +13,23 @@ def fused_add_rms_norm_steer(
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
-    coeff: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    r: torch.Tensor,
     vid: torch.Tensor,
-    bank: torch.Tensor,
+    V: torch.Tensor,
+    U: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return steer.fused_add_rms_norm_steer(x, residual, weight, eps, coeff, vid, bank)
+    return steer.fused_add_rms_norm_steer(x, residual, weight, eps, p, q, r, vid, V, U)
 
 
 @fused_add_rms_norm_steer.register_kernel("cuda")
-def _(x, residual, weight, eps, coeff, vid, bank):
+def _(x, residual, weight, eps, p, q, r, vid, V, U):
     from . import triton_steer
 
-    return triton_steer.fused_add_rms_norm_steer(x, residual, weight, eps, coeff, vid, bank)
+    return triton_steer.fused_add_rms_norm_steer(x, residual, weight, eps, p, q, r, vid, V, U)
 
 
 @fused_add_rms_norm_steer.register_fake
-def _(x, residual, weight, eps, coeff, vid, bank):
+def _(x, residual, weight, eps, p, q, r, vid, V, U):
     return torch.empty_like(x), torch.empty_like(residual)

@@ -1,19 +1,27 @@
 """The steering op, torch implementation: the reference and the CPU path.
 
-Shapes: h, x, residual [tokens, hidden]; coeff [>= tokens] float32 (0 for unsteered and padded
-tokens); vid [>= tokens] int (the vector row of each token); bank [num_vectors, hidden]. Only
-the first `tokens` entries of coeff/vid are read, so persistent buffers can be passed whole.
+Each token t carries M entries (slots) m, applied in order to its residual-stream state h:
 
-The steered sum is clamped into the finite range of its dtype, so the add itself never makes a
-state inf (an absurd alpha in fp32, or a large one in fp16). Finite values in range pass
-through bit for bit; a NaN that was already there stays NaN.
+    h <- h + p[t,m] * V[vid[t,m]] + (q[t,m] + r[t,m] * (h . U[vid[t,m]])) * U[vid[t,m]]
+
+V holds one layer's raw direction of each vector and U the unit directions ([num_vectors,
+hidden]; a zero row where a vector has no direction at that layer). The three operators are
+coefficients of that one update, so a batch mixes them at the cost of any one:
+
+    add     h + alpha v              p = alpha   q = 0       r = 0
+    ablate  h - alpha (h . u) u      p = 0       q = 0       r = -alpha
+    clamp   h + (alpha - h . u) u    p = 0       q = alpha   r = -1
+
+Unused slots, unsteered tokens and padding have p = q = r = 0. Shapes: hidden, x, residual
+[tokens, hidden]; p, q, r [>= tokens, M] float32; vid [>= tokens, M] int; only the first
+`tokens` rows are read, so persistent buffers can be passed whole.
+
+The update is formed in float32, and the steered state is clamped into the finite range of its
+dtype, so steering itself never makes a state inf. Finite values in range pass bit for bit; a
+NaN that was already there stays NaN.
 """
 
 import torch
-
-
-def _steer(coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor, n: int) -> torch.Tensor:
-    return coeff[:n, None] * bank.index_select(0, vid[:n]).float()  # [tokens, hidden] float32
 
 
 def _finite(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -21,23 +29,33 @@ def _finite(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return s.clamp(-limit, limit)
 
 
-def steer_add(h: torch.Tensor, coeff: torch.Tensor, vid: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """h + coeff[t] * bank[vid[t]], the product formed in float32 and rounded once into h's dtype."""
-    return _finite(h + _steer(coeff, vid, bank, h.shape[0]).to(h.dtype), h.dtype)
+def steer_delta(h, p, q, r, vid, V, U) -> torch.Tensor:
+    """The float32 change [tokens, hidden] that the entries make to the states h."""
+    n = h.shape[0]
+    h = h.float()
+    delta = torch.zeros_like(h)
+    for m in range(p.shape[1]):
+        rows = vid[:n, m]
+        u = U.index_select(0, rows).float()  # [tokens, hidden]
+        dot = ((h + delta) * u).sum(-1, keepdim=True)  # [tokens, 1]
+        # r = 0 takes no part of the projection, even when an overflow upstream made it inf.
+        projected = torch.where(r[:n, m, None] != 0, r[:n, m, None] * dot, 0.0)
+        delta = delta + p[:n, m, None] * V.index_select(0, rows).float() + (q[:n, m, None] + projected) * u
+    return delta
 
 
-def fused_add_rms_norm_steer(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    coeff: torch.Tensor,
-    vid: torch.Tensor,
-    bank: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(s) * weight, s) with s = x + residual + coeff[t] * bank[vid[t]], summed in
-    float32: vLLM's fused_add_rms_norm (vllm/ir/ops/layernorm.py) when no token is steered."""
+def steer_add(hidden, residual, p, q, r, vid, V, U) -> torch.Tensor:
+    """A vLLM decoder layer's deferred output (hidden, residual) sums to the state h: returns
+    hidden plus the entries' change to h, so that hidden + residual is the steered state."""
+    delta = steer_delta(hidden.float() + residual.float(), p, q, r, vid, V, U)
+    return _finite(hidden + delta.to(hidden.dtype), hidden.dtype)
+
+
+def fused_add_rms_norm_steer(x, residual, weight, eps: float, p, q, r, vid, V, U):
+    """(rms_norm(s) * weight, s) with s = x + residual steered by the entries, summed in float32:
+    vLLM's fused_add_rms_norm (vllm/ir/ops/layernorm.py) when no token is steered."""
     dtype = x.dtype
-    s = _finite(x.float() + residual.float() + _steer(coeff, vid, bank, x.shape[0]), dtype)
+    s = x.float() + residual.float()
+    s = _finite(s + steer_delta(s, p, q, r, vid, V, U), dtype)
     normed = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (normed.to(weight.dtype) * weight).to(dtype), s.to(dtype)

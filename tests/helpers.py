@@ -140,16 +140,48 @@ def decoder_layers(model):
 @contextlib.contextmanager
 def steered(model, vector: SteeringVector | None, alpha: float):
     """Forward hooks adding alpha * v[i] to the output of each steered decoder layer i."""
+    with steered_spec(model, [] if vector is None else [(vector, alpha, "add", "all")], 0):
+        yield
+
+
+@contextlib.contextmanager
+def steered_spec(model, entries: list[tuple], prompt_len: int, positions: tuple[int, int | None] = (0, None)):
+    """Forward hooks applying a steering spec to a full forward of one sequence (no KV cache, so
+    its positions are 0..len-1): entries (vector, alpha, op, scope) in order at each layer where
+    the vector has a direction v, with u = v/|v| and h the layer's output at a position of the
+    entry's scope ("prompt": < prompt_len, "generated": >= prompt_len) within `positions`:
+    add h + alpha v, ablate h - alpha (h.u) u, clamp h + (alpha - h.u) u."""
+
+    def in_scope(scope: str, seq: int) -> torch.Tensor:
+        pos = torch.arange(seq)
+        keep = {"all": pos >= 0, "prompt": pos < prompt_len, "generated": pos >= prompt_len}[scope]
+        start, end = positions
+        return keep & (pos >= start) & (pos < (seq if end is None else end))
+
+    def hook(module, args, out, i):
+        h = out[0] if isinstance(out, tuple) else out  # [1, seq, hidden]
+        h = h.clone()
+        for vector, alpha, op, scope in entries:
+            if i not in vector.directions:
+                continue
+            v = vector.directions[i].to(h.dtype)
+            u = v / v.norm()
+            rows = in_scope(scope, h.shape[1])
+            x = h[0, rows]  # [positions, hidden]
+            dot = (x @ u)[:, None]
+            if op == "add":
+                x = x + alpha * v
+            elif op == "ablate":
+                x = x - alpha * dot * u
+            else:
+                x = x + (alpha - dot) * u
+            h[0, rows] = x
+        return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+
     handles = []
-    if vector is not None and alpha != 0:
-        for i, d in vector.directions.items():
-
-            def hook(module, args, out, d=d):
-                if isinstance(out, tuple):
-                    return (out[0] + alpha * d.to(out[0].dtype),) + out[1:]
-                return out + alpha * d.to(out.dtype)
-
-            handles.append(decoder_layers(model)[i].register_forward_hook(hook))
+    if any(alpha != 0 or op == "clamp" for _, alpha, op, _ in entries):
+        for i in range(len(decoder_layers(model))):
+            handles.append(decoder_layers(model)[i].register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i)))
     try:
         yield
     finally:
@@ -159,11 +191,22 @@ def steered(model, vector: SteeringVector | None, alpha: float):
 
 @torch.no_grad()
 def oracle_greedy(
-    model_dir: Path, prompt: list[int], n: int, vector: SteeringVector | None = None, alpha: float = 0.0
+    model_dir: Path,
+    prompt: list[int],
+    n: int,
+    vector: SteeringVector | None = None,
+    alpha: float = 0.0,
+    *,
+    entries: list[tuple] | None = None,
+    positions: tuple[int, int | None] = (0, None),
 ) -> list[int]:
+    """Greedy tokens of plain transformers with forward hooks: `vector` at `alpha` (add, every
+    position), or a whole spec, `entries` of (vector, alpha, op, scope) and `positions`."""
     model = load_hf(model_dir)
     ids = list(prompt)
-    with steered(model, vector, alpha):
+    if entries is None:
+        entries = [] if vector is None else [(vector, alpha, "add", "all")]
+    with steered_spec(model, entries, len(prompt), positions):
         for _ in range(n):
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
@@ -182,43 +225,56 @@ def make_llm(model_dir: Path, vectors: dict[str, Path] | None = None, *, eager: 
     )
 
 
-def generate(llm, prompts: list[list[int]], n: int, steer: list[tuple[str, float] | None]) -> list[list[int]]:
+def generate(llm, prompts: list[list[int]], n: int, steer: list[tuple[str, float] | dict | None]) -> list[list[int]]:
+    """Greedy tokens of each prompt; steer: None, (vector, alpha), or a request's extra_args."""
     from vllm import SamplingParams
 
-    params = [
-        SamplingParams(
-            max_tokens=n,
-            temperature=0.0,
-            ignore_eos=True,
-            extra_args={"steering_vector": s[0], "steering_alpha": s[1]} if s else None,
-        )
-        for s in steer
-    ]
+    def extra_args(s):
+        return s if isinstance(s, dict) or s is None else {"steering_vector": s[0], "steering_alpha": s[1]}
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args=extra_args(s)) for s in steer]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
 # -- the steering op's inputs and float64 reference (tests of kernels/) --
 KERNEL_EPS = 1e-6
+KERNEL_SLOTS = 3
 
 
 def kernel_inputs(tokens, hidden, dtype, steered=0.5, seed=0):
+    """x, residual, weight, then p, q, r, vid [tokens + 5, slots] (longer than tokens, as the
+    engine's buffers) and V, U [4, hidden] (the last vector without a direction): a `steered`
+    share of the slots carries an add, an ablate or a clamp, the rest zero coefficients."""
     g = torch.Generator().manual_seed(seed)
     x, res = (torch.randn(tokens, hidden, generator=g).to(dtype) for _ in range(2))
     w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
-    bank = torch.randn(3, hidden, generator=g)
-    vid = torch.randint(
-        0, 3, (tokens + 5,), generator=g, dtype=torch.int32
-    )  # longer than tokens, as the engine's buffers
-    coeff = torch.where(
-        torch.rand(tokens + 5, generator=g) < steered, 3 * torch.randn(tokens + 5, generator=g), torch.zeros(tokens + 5)
-    )
-    return x, res, w, coeff, vid, bank
+    V = torch.randn(4, hidden, generator=g)
+    V[3] = 0
+    U = V / V.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    shape = (tokens + 5, KERNEL_SLOTS)
+    vid = torch.randint(0, 4, shape, generator=g, dtype=torch.int32)
+    alpha = 3 * torch.randn(shape, generator=g)
+    op = torch.randint(0, 3, shape, generator=g)  # add, ablate, clamp
+    on = torch.rand(shape, generator=g) < steered
+    zero = torch.zeros(shape)
+    p = torch.where(on & (op == 0), alpha, zero)
+    q = torch.where(on & (op == 2), alpha, zero)
+    r = torch.where(on & (op == 1), -alpha, torch.where(on & (op == 2), -1.0, zero))
+    return x, res, w, p, q, r, vid, V, U
 
 
-def kernel_reference(x, res, w, coeff, vid, bank):
+def kernel_reference(x, res, w, p, q, r, vid, V, U):
+    """(rms_norm(s) * w, s) in float64, s = x + res with every slot applied in order: add
+    (p = alpha) s + alpha v, ablate (r = -alpha) s - alpha (s.u) u, clamp (q = alpha, r = -1)
+    s + (alpha - s.u) u."""
     n = x.shape[0]
-    s = x.double() + res.double() + coeff[:n].double()[:, None] * bank.double()[vid[:n].long()]
+    s = x.double() + res.double()
+    for m in range(p.shape[1]):
+        rows = vid[:n, m].long()
+        v, u = V.double()[rows], U.double()[rows]
+        dot = (s * u).sum(-1, keepdim=True)
+        s = s + p[:n, m, None].double() * v + (q[:n, m, None].double() + r[:n, m, None].double() * dot) * u
     return s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + KERNEL_EPS) * w.double(), s
 
 

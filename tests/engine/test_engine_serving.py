@@ -140,7 +140,10 @@ def test_prefix_cache_never_crosses_steering_settings(setup, llm):
             "steering_alpha",
             "steering_alpha='4' must be a finite number",
         ),
-        ({"steering_vector": ["a"], "steering_alpha": 1.0}, "steering_vector", "is not a vector of this engine"),
+        ({"steering_vector": [["a"]], "steering_alpha": 1.0}, "steering_vector", "is not a vector of this engine"),
+        ({"steering_vector": ["a", "b"], "steering_alpha": [1.0]}, "steering_alpha", "lists 1 values for 2 vector"),
+        ({"steering_vector": "a", "steering_alpha": 1.0, "steering_op": "scale"}, "steering_op", "allowed: \\['add'"),
+        ({"steering_vector": ["a"] * 5, "steering_alpha": 1.0}, "steering_vector", "takes 1 to 4 per request"),
         (
             {"steering_vector": "a", "steering_alpha": 1.0, "steering_layers": [1]},
             "steering_layers",

@@ -17,32 +17,54 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}  # max er
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens, hidden", [(1, 576), (7, 640), (33, 4096), (300, 64)])
 def test_torch_path_matches_float64_reference(dtype, tokens, hidden):
-    x, res, w, coeff, vid, bank = inputs(tokens, hidden, dtype)
-    want_out, want_res = reference(x, res, w, coeff, vid, bank)
-    out, res_out = fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank)
+    x, res, w, p, q, r, vid, V, U = inputs(tokens, hidden, dtype)
+    want_out, want_res = reference(x, res, w, p, q, r, vid, V, U)
+    out, res_out = fused_add_rms_norm_steer(x, res, w, EPS, p, q, r, vid, V, U)
     assert out.dtype == res_out.dtype == dtype and out.shape == x.shape
     assert rel(out, want_out) <= TOL[dtype] and rel(res_out, want_res) <= TOL[dtype]
-    want_h = x.double() + coeff[:tokens].double()[:, None] * bank.double()[vid[:tokens].long()]
-    h = steer_add(x, coeff, vid, bank)
-    assert rel(h, want_h) <= TOL[dtype]
-    unsteered = coeff[:tokens] == 0
-    assert torch.equal(h[unsteered], x[unsteered]), "rows with coeff 0 must come back bit for bit"
+    # The separate add returns the layer's `hidden` plus the change, so hidden + residual is steered.
+    h = steer_add(x, res, p, q, r, vid, V, U)
+    assert rel(h.double() + res.double(), want_res) <= TOL[dtype]
+    unsteered = (p[:tokens] == 0).all(1) & (q[:tokens] == 0).all(1) & (r[:tokens] == 0).all(1)
+    assert torch.equal(h[unsteered], x[unsteered]), "rows with all-zero coefficients must come back bit for bit"
+
+
+@pytest.mark.parametrize("op", ["add", "ablate", "clamp"])
+def test_each_operator_does_what_it_says(op):
+    """One slot, checked by what the operator means rather than by its formula."""
+    x, res, w, p, q, r, vid, V, U = inputs(5, 64, torch.float32, steered=0.0)
+    vid[:, 0] = 1
+    u = U[1]
+    p[:5, 0], q[:5, 0], r[:5, 0] = {"add": (2.5, 0.0, 0.0), "ablate": (0.0, 0.0, -1.0), "clamp": (0.0, 3.0, -1.0)}[op]
+    h = steer_add(x, res, p, q, r, vid, V, U) + res  # the steered state
+    s = x + res
+    rest = h - (h @ u)[:, None] * u  # everything but the component along u
+    if op == "add":
+        torch.testing.assert_close(h, s + 2.5 * V[1])
+    elif op == "ablate":  # the component along u is gone, the rest untouched
+        torch.testing.assert_close(h @ u, torch.zeros(5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rest, s - (s @ u)[:, None] * u)
+    else:  # the projection onto u becomes 3, the rest untouched
+        torch.testing.assert_close(h @ u, torch.full((5,), 3.0), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rest, s - (s @ u)[:, None] * u)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_an_absurd_alpha_never_makes_a_state_non_finite(dtype):
     """The steered sum is clamped into the dtype's finite range: alpha 1e30 (or 3e38, whose
     product with the vector overflows float32) saturates its own row and touches no other."""
-    x, res, w, coeff, vid, bank = inputs(6, 576, dtype, steered=0.0)
-    coeff[0], coeff[3] = 1e30, -3e38
-    h = steer_add(x, coeff, vid, bank)
-    out, res_out = fused_add_rms_norm_steer(x, res, w, EPS, coeff, vid, bank)
+    x, res, w, p, q, r, vid, V, U = inputs(6, 576, dtype, steered=0.0)
+    vid[0, 0] = vid[3, 0] = 0
+    p[0, 0], p[3, 0] = 1e30, -3e38
+    h = steer_add(x, res, p, q, r, vid, V, U)
+    out, res_out = fused_add_rms_norm_steer(x, res, w, EPS, p, q, r, vid, V, U)
     for t in (h, out, res_out):
         assert bool(torch.isfinite(t).all())
     limit = torch.finfo(dtype).max
     assert float(h[3].abs().max()) == limit and float(res_out[3].abs().max()) == limit  # saturated, not inf
     rest = [1, 2, 4, 5]
-    want_out, want_res = fused_add_rms_norm_steer(x, res, w, EPS, torch.zeros_like(coeff), vid, bank)
+    zero = torch.zeros_like(p)
+    want_out, want_res = fused_add_rms_norm_steer(x, res, w, EPS, zero, zero, zero, vid, V, U)
     assert (
         torch.equal(h[rest], x[rest])
         and torch.equal(out[rest], want_out[rest])
@@ -50,4 +72,4 @@ def test_an_absurd_alpha_never_makes_a_state_non_finite(dtype):
     )
     nan = x.clone()
     nan[1, 7] = float("nan")
-    assert bool(torch.isnan(steer_add(nan, coeff, vid, bank)[1, 7])), "a NaN that was there must stay visible"
+    assert bool(torch.isnan(steer_add(nan, res, p, q, r, vid, V, U)[1, 7])), "a NaN that was there must stay visible"

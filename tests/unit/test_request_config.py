@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from steer_batch.engine.config import SteeringConfig, SteeringRequestError, parse_request
+from steer_batch.engine.config import Entry, SteeringConfig, SteeringRequestError, SteeringSpec, parse_request, steering
 
 CONFIG = SteeringConfig.from_additional_config(
     {"steering": {"vectors": {"happy": "h.safetensors", "calm": {"path": "c.safetensors"}}}}
@@ -26,7 +26,8 @@ def test_engine_config_shapes():
         ({"steering": ["a"]}, "must be a dict"),
         (
             {"steering": {"vectors": {"a": "x"}, "layerz": 1}},
-            r"unknown keys \['layerz'\]; allowed: \['vectors', 'capture', 'steer_op', 'max_abs_alpha', 'code'\]",
+            r"unknown keys \['layerz'\]; allowed: \['vectors', 'capture', 'steer_op', 'max_abs_alpha', "
+            r"'max_vectors_per_request', 'code'\]",
         ),
         (
             {"steering": {"vectors": {"a": "x"}, "steer_op": "triton"}},
@@ -53,8 +54,72 @@ def test_request_parsing():
     assert parse_request(None, CONFIG) is None
     assert parse_request({"other": 1}, CONFIG) is None
     assert parse_request({"steering_vector": "happy", "steering_alpha": 0}, CONFIG) is None
-    assert parse_request({"steering_vector": "calm", "steering_alpha": -4}, CONFIG) == ("calm", -4.0)
-    assert parse_request({"steering_vector": "happy", "steering_alpha": 0.5}, CONFIG) == ("happy", 0.5)
+    assert parse_request({"steering_vector": "calm", "steering_alpha": -4}, CONFIG) == SteeringSpec(
+        (Entry("calm", -4.0),)
+    )
+    assert parse_request({"steering_vector": "happy", "steering_alpha": 0.5}, CONFIG) == SteeringSpec(
+        (Entry("happy", 0.5),)
+    )
+
+
+def test_spec_parsing():
+    """Lists, scalars that apply to every entry, None as absent, no-op specs as stock vLLM."""
+    args = {
+        "steering_vector": ["happy", "calm", "happy"],
+        "steering_alpha": [4, 1.0, 2],
+        "steering_op": ["add", "ablate", "clamp"],
+        "steering_scope": "generated",
+        "steering_positions": [2, -1],
+    }
+    want = (
+        Entry("happy", 4.0, "add", "generated"),
+        Entry("calm", 1.0, "ablate", "generated"),
+        Entry("happy", 2.0, "clamp", "generated"),
+    )
+    assert parse_request(args, CONFIG) == SteeringSpec(want, (2, None))
+    assert parse_request({**args, "steering_positions": None, "steering_scope": None}, CONFIG).positions == (0, None)
+    assert (
+        parse_request(
+            {"steering_vector": ["happy", "calm"], "steering_alpha": 0, "steering_op": ["add", "ablate"]}, CONFIG
+        )
+        is None
+    )
+    clamp_zero = parse_request({"steering_vector": "calm", "steering_alpha": 0, "steering_op": "clamp"}, CONFIG)
+    assert clamp_zero == SteeringSpec((Entry("calm", 0.0, "clamp"),)), "clamp to 0 is not a no-op"
+    assert parse_request({"steering_vector": None, "steering_alpha": None}, CONFIG) is None
+
+
+def test_entry_coefficients_and_bounds():
+    """The one update h + p v + (q + r (h.u)) u of kernels/steer.py, and each scope's positions."""
+    assert Entry("a", 3.0, "add").coefficients() == (3.0, 0.0, 0.0)
+    assert Entry("a", 0.5, "ablate").coefficients() == (0.0, 0.0, -0.5)
+    assert Entry("a", 2.0, "clamp").coefficients() == (0.0, 2.0, -1.0)
+    spec = SteeringSpec((Entry("a", 1.0),), (0, 4))
+    assert spec.bounds(Entry("a", 1.0, scope="all"), prompt_len=10) == (0, 4)
+    assert spec.bounds(Entry("a", 1.0, scope="generated"), prompt_len=10) == (10, 4)  # empty: nothing steered
+    wide = SteeringSpec((Entry("a", 1.0),), (3, None))
+    assert wide.bounds(Entry("a", 1.0, scope="prompt"), prompt_len=10) == (3, 10)
+    assert wide.bounds(Entry("a", 1.0, scope="generated"), prompt_len=10) == (10, math.inf)
+
+
+def test_the_steering_helper_spells_the_keys():
+    assert steering("happy", 4) == {"steering_vector": "happy", "steering_alpha": 4}
+    assert steering(("happy", 4), ("calm", 1.0, "ablate"), scope="generated") == {
+        "steering_vector": ["happy", "calm"],
+        "steering_alpha": [4, 1.0],
+        "steering_op": ["add", "ablate"],
+        "steering_scope": ["generated", "generated"],
+    }
+    actadd = steering("happy", 4, "add", "prompt", positions=(0, 4))
+    assert actadd == {
+        "steering_vector": "happy",
+        "steering_alpha": 4,
+        "steering_scope": "prompt",
+        "steering_positions": [0, 4],
+    }
+    assert parse_request(actadd, CONFIG) == SteeringSpec((Entry("happy", 4.0, "add", "prompt"),), (0, 4))
+    with pytest.raises(ValueError, match="expected \\(vector, alpha"):
+        steering(("happy",))
 
 
 @pytest.mark.parametrize(
@@ -71,6 +136,57 @@ def test_request_parsing():
         ({"steering_vector": "happy", "steering_alpha": "4"}, "steering_alpha", "must be a finite number"),
         ({"steering_vector": "happy", "steering_alpha": True}, "steering_alpha", "must be a finite number"),
         (
+            {"steering_vector": ["happy", "calm"], "steering_alpha": [1, 2, 3]},
+            "steering_alpha",
+            "lists 3 values for 2 vector",
+        ),
+        ({"steering_vector": [], "steering_alpha": 1}, "steering_vector", "lists 0 vectors; this engine takes 1 to 4"),
+        (
+            {"steering_vector": ["happy"] * 5, "steering_alpha": 1},
+            "steering_vector",
+            "lists 5 vectors; this engine takes 1 to 4 per request",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_op": "scale"},
+            "steering_op",
+            r"'scale'; allowed: \['add', 'ablate', 'clamp'\]",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_scope": ["prompt", "all"]},
+            "steering_scope",
+            "lists 2 values for 1 vector",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_scope": "decode"},
+            "steering_scope",
+            r"allowed: \['all', 'prompt', 'generated'\]",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_positions": [4]},
+            "steering_positions",
+            r"expected \[start, end\]",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_positions": [-1, 4]},
+            "steering_positions",
+            "0 <= start",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_positions": [4, 4]},
+            "steering_positions",
+            "end > start",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_positions": [0, 2.5]},
+            "steering_positions",
+            "integers",
+        ),
+        (
+            {"steering_vector": "happy", "steering_alpha": 1, "steering_positions": [True, 3]},
+            "steering_positions",
+            "integers",
+        ),
+        (
             {"steering_vector": "happy", "steering_alpha": 1000.5},
             "steering_alpha",
             r"steering_alpha=1000.5 is outside \[-1000, 1000\], this engine's max_abs_alpha",
@@ -81,7 +197,8 @@ def test_request_parsing():
         (
             {"steering_vector": "happy", "steering_alpha": 1, "steering_scale": 2},
             "steering_scale",
-            r"unknown steering argument 'steering_scale'; allowed: \['steering_vector', 'steering_alpha'\]",
+            r"unknown steering argument 'steering_scale'; allowed: \['steering_vector', 'steering_alpha', "
+            r"'steering_op', 'steering_scope', 'steering_positions'\]",
         ),
     ],
 )
@@ -92,11 +209,15 @@ def test_request_errors_name_the_field(args, field, message):
 
 
 def test_the_alpha_bound_is_inclusive_and_configurable():
-    assert parse_request({"steering_vector": "happy", "steering_alpha": -1000}, CONFIG) == ("happy", -1000.0)
+    assert parse_request({"steering_vector": "happy", "steering_alpha": -1000}, CONFIG) == SteeringSpec(
+        (Entry("happy", -1000.0),)
+    )
     wide = SteeringConfig.from_additional_config(
         {"steering": {"vectors": {"happy": "h.safetensors"}, "max_abs_alpha": 1e6}}
     )
-    assert parse_request({"steering_vector": "happy", "steering_alpha": 1e6}, wide) == ("happy", 1e6)
+    assert parse_request({"steering_vector": "happy", "steering_alpha": 1e6}, wide) == SteeringSpec(
+        (Entry("happy", 1e6),)
+    )
     with pytest.raises(SteeringRequestError, match=r"outside \[-1e\+06, 1e\+06\]"):
         parse_request({"steering_vector": "happy", "steering_alpha": 1.5e6}, wide)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 import steer_batch
+from steer_batch.engine.config import OPS, SCOPES
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.classify import CLASSIFIERS
 from steer_batch.jobs.extract import CAPTURES
@@ -164,11 +165,19 @@ def convert(source, target, drop_layer_0):
 @_model_option
 @click.option(
     "--vector",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Steering vector file (default: a cached happy - sad vector for the model).",
+    "vectors",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="A steering vector, NAME=FILE or FILE (named by its stem); repeat for several, each run at every alpha "
+    "(default: happy = a cached happy - sad vector for the model).",
 )
 @click.option("--alphas", default="-4,0,4", show_default=True, help="Comma-separated steering strengths.")
+@click.option(
+    "--op", type=click.Choice(OPS), default="add", show_default=True, help="What each request does with its vector."
+)
+@click.option(
+    "--scope", type=click.Choice(SCOPES), default="all", show_default=True, help="Which tokens each request steers."
+)
 @click.option(
     "--prompts",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -182,13 +191,13 @@ def convert(source, target, drop_layer_0):
     "--seed",
     default=0,
     show_default=True,
-    help="The request for prompt p and the j-th alpha gets seed + p * len(alphas) + j.",
+    help="The request for prompt p, the i-th vector and the j-th alpha gets seed + (p * vectors + i) * alphas + j.",
 )
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Run folder (default: runs/<model>-<vector or 'happy'>-a<alphas>). The same command resumes it.",
+    help="Run folder (default: runs/<model>-<vectors>-a<alphas>). The same command resumes it.",
 )
 @click.option(
     "--resume",
@@ -205,22 +214,11 @@ def convert(source, target, drop_layer_0):
 @click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
 @_verbose
 def run(
-    model,
-    vector,
-    alphas,
-    prompts,
-    max_tokens,
-    temperature,
-    top_p,
-    seed,
-    out,
-    resume,
-    classifier,
-    evaluate,
+    model, vectors, alphas, op, scope, prompts, max_tokens, temperature, top_p, seed, out, resume, classifier, evaluate,
     enforce_eager,
-):
-    """Generate from every prompt at every alpha in one engine, then classify and report."""
-    from steer_batch.jobs.run import Sampling, parse_alphas, saved_run
+):  # fmt: skip
+    """Generate from every prompt with every vector at every alpha in one engine, then classify and report."""
+    from steer_batch.jobs.run import Sampling, parse_alphas, parse_vectors, saved_run
     from steer_batch.jobs.run import run as run_job
 
     if resume is not None:
@@ -229,8 +227,10 @@ def run(
         args = dict(
             out=out,
             model=model,
-            vector=vector,
+            vectors=parse_vectors(vectors) or None,
             alphas=parse_alphas(alphas),
+            op=op,
+            scope=scope,
             prompts=prompts,
             sampling=Sampling(max_tokens, temperature, top_p, seed),
         )
@@ -298,10 +298,10 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json
         f"{'eager' if eager else 'compiled'}  "
         f"all layers steered  best of {rounds} rounds"
     )
-    click.echo(f"{'configuration':<16}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}")
+    click.echo(f"{'configuration':<22}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}")
     for name, value in results.items():
         vs_stock = f"{value / stock_base:>10.3f}" if stock_base else ""
-        click.echo(f"{name:<16}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
+        click.echo(f"{name:<22}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
     if "256 alphas" in results:
         click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")
     if json_out:

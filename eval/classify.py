@@ -17,7 +17,7 @@ from pathlib import Path
 
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
-from steer_batch.eval.runfiles import GENERATIONS, SENTIMENT, SENTIMENT_SCHEMA, require, row_keys
+from steer_batch.eval.runfiles import GENERATIONS, KEY, SENTIMENT, SENTIMENT_SCHEMA, require, row_keys
 
 CARDIFF = "cardiffnlp/twitter-roberta-base-sentiment-latest"
 VADER = "vader"
@@ -107,19 +107,14 @@ def classify(out: Path, classifier: str | None = None, batch: int = 256) -> str:
     writer, done = ArrowStream.open(path, SENTIMENT_SCHEMA, resume=True)
     with writer:
         done_keys = row_keys(done)
-        rows = [
-            r
-            for r in generations.select(["prompt_id", "alpha", "text"]).to_pylist()
-            if (r["prompt_id"], r["alpha"]) not in done_keys
-        ]
+        rows = [r for r in generations.select([*KEY, "text"]).to_pylist() if tuple(r[k] for k in KEY) not in done_keys]
         for lo in range(0, len(rows), batch):
             chunk = rows[lo : lo + batch]
             scores = scorer([r["text"] for r in chunk])
             writer.write(
                 [
                     {
-                        "prompt_id": r["prompt_id"],
-                        "alpha": r["alpha"],
+                        **{k: r[k] for k in KEY},
                         "classifier": name,
                         "p_negative": s[0],
                         "p_neutral": s[1],

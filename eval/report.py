@@ -1,6 +1,7 @@
-"""Per-alpha summary of a classified run: OUT/summary.arrow, OUT/report.md, OUT/sentiment.png.
+"""Per-(vector, alpha) summary of a classified run: OUT/summary.arrow, OUT/report.md (one
+section per vector) and OUT/sentiment.png (one panel per vector).
 
-For each alpha: n, the mean of p_negative / p_neutral / p_positive with a 95% bootstrap
+For each vector and alpha: n, the mean of p_negative / p_neutral / p_positive with a 95% bootstrap
 interval (2000 resamples of the texts, fixed seed), and a coherence signal so the cost of
 steering is visible: `repetition`, the share of repeated token bigrams in a text (0 = every
 bigram new, near 1 = one bigram over and over), averaged over texts.
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steer_batch.eval.arrow_stream import read_table
-from steer_batch.eval.runfiles import FIGURE, GENERATIONS, MANIFEST, REPORT, SENTIMENT, SUMMARY, require
+from steer_batch.eval.runfiles import FIGURE, GENERATIONS, KEY, MANIFEST, REPORT, SENTIMENT, SUMMARY, require
 
 CLASSES = ("p_negative", "p_neutral", "p_positive")
 RESAMPLES = 2000
@@ -35,50 +36,57 @@ def bootstrap_interval(values: np.ndarray, seed: int = 0) -> tuple[float, float]
 
 
 def summarize(out: Path) -> pa.Table:
+    """One row per (vector, alpha), in the run's vector order and by alpha."""
     generations = read_table(require(out, GENERATIONS, f"run `steer-batch run --out {out}`"))
     sentiment = read_table(require(out, SENTIMENT, f"classify it with `steer-batch classify {out}`"))
     reps = pa.array([repetition(t) for t in generations.column("token_ids").to_pylist()], pa.float64())
     # Arrow joins cannot carry list columns: join the per-text repetition instead of token_ids.
-    joined = sentiment.join(
-        generations.select(["prompt_id", "alpha"]).append_column("repetition", reps), keys=["prompt_id", "alpha"]
-    )
+    joined = sentiment.join(generations.select(KEY).append_column("repetition", reps), keys=KEY)
+    vectors = list(dict.fromkeys(generations.column("vector").to_pylist()))
     rows = []
-    for alpha in sorted(set(joined.column("alpha").to_pylist())):
-        part = joined.filter(pc.equal(joined.column("alpha"), pa.scalar(alpha, pa.float32())))
-        row = {
-            "alpha": alpha,
-            "n": part.num_rows,
-            "classifier": ",".join(sorted(set(part.column("classifier").to_pylist()))),
-        }
-        for name in CLASSES:
-            values = part.column(name).to_numpy().astype(np.float64)
-            row[name] = float(values.mean())
-            row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(values)
-        row["repetition"] = float(part.column("repetition").to_numpy().mean())
-        rows.append(row)
+    for vector in vectors:
+        of_vector = joined.filter(pc.equal(joined.column("vector"), vector))
+        for alpha in sorted(set(of_vector.column("alpha").to_pylist())):
+            part = of_vector.filter(pc.equal(of_vector.column("alpha"), pa.scalar(alpha, pa.float32())))
+            row = {
+                "vector": vector,
+                "alpha": alpha,
+                "n": part.num_rows,
+                "classifier": ",".join(sorted(set(part.column("classifier").to_pylist()))),
+            }
+            for name in CLASSES:
+                values = part.column(name).to_numpy().astype(np.float64)
+                row[name] = float(values.mean())
+                row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(values)
+            row["repetition"] = float(part.column("repetition").to_numpy().mean())
+            rows.append(row)
     return pa.Table.from_pylist(rows)
 
 
 def plot(summary: pa.Table, path: Path, title: str) -> None:
+    """One panel per vector: the mean class probabilities against alpha."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    alphas = summary.column("alpha").to_numpy()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=130)
-    for name, color in zip(CLASSES, ("#c0392b", "#7f8c8d", "#27ae60")):
-        mean = summary.column(name).to_numpy()
-        lo, hi = summary.column(f"{name}_lo").to_numpy(), summary.column(f"{name}_hi").to_numpy()
-        ax.plot(alphas, mean, marker="o", color=color, label=name.removeprefix("p_"))
-        ax.fill_between(alphas, lo, hi, color=color, alpha=0.2)
-    ax.set_xlabel("steering alpha")
-    ax.set_ylabel("mean class probability (95% bootstrap interval)")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(alphas)
-    ax.set_title(title, fontsize=8)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    vectors = list(dict.fromkeys(summary.column("vector").to_pylist()))
+    fig, axes = plt.subplots(1, len(vectors), figsize=(6.4 * len(vectors), 4.2), dpi=130, squeeze=False)
+    for ax, vector in zip(axes[0], vectors):
+        part = summary.filter(pc.equal(summary.column("vector"), vector))
+        alphas = part.column("alpha").to_numpy()
+        for name, color in zip(CLASSES, ("#c0392b", "#7f8c8d", "#27ae60")):
+            mean = part.column(name).to_numpy()
+            lo, hi = part.column(f"{name}_lo").to_numpy(), part.column(f"{name}_hi").to_numpy()
+            ax.plot(alphas, mean, marker="o", color=color, label=name.removeprefix("p_"))
+            ax.fill_between(alphas, lo, hi, color=color, alpha=0.2)
+        ax.set_xlabel(f"steering alpha ({vector})")
+        ax.set_ylabel("mean class probability (95% bootstrap interval)")
+        ax.set_ylim(0, 1)
+        ax.set_xticks(alphas)
+        ax.set_title(f"{title}\n{vector}", fontsize=8)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -93,22 +101,28 @@ def report(out: Path) -> pa.Table:
     spec = manifest["spec"]
     classifier = ",".join(sorted(set(summary.column("classifier").to_pylist())))
     title = f"{Path(spec['model']).name}, {classifier}, {spec['num_prompts']} prompts per alpha"
-    title += f"\n{Path(spec['vector']).name}"
-    plot(summary, out / FIGURE, title)
     lines = [
         f"# Steering report: {out.name}",
         "",
         f"- model: `{spec['model']}`",
-        f"- vector: `{spec['vector']}` (sha256 {spec['vector_sha256'][:12]})",
+        *(f"- vector `{name}`: `{v['path']}` (sha256 {v['sha256'][:12]})" for name, v in spec["vectors"].items()),
+        f"- op `{spec['op']}`, scope `{spec['scope']}`",
         f"- prompts: {spec['num_prompts']} from `{spec['prompts_file']}`; sampling {spec['sampling']}",
         f"- classifier: {classifier}",
-        "",
-        "| alpha | n | p_negative | p_neutral | p_positive | repetition |",
-        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for r in summary.to_pylist():
-        cells = [f"{r[c]:.3f} [{r[c + '_lo']:.3f}, {r[c + '_hi']:.3f}]" for c in CLASSES]
-        lines.append(f"| {r['alpha']:+g} | {r['n']} | {' | '.join(cells)} | {r['repetition']:.3f} |")
+    rows = summary.to_pylist()
+    for vector in dict.fromkeys(r["vector"] for r in rows):
+        lines += [
+            "",
+            f"## {vector}",
+            "",
+            "| alpha | n | p_negative | p_neutral | p_positive | repetition |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in (r for r in rows if r["vector"] == vector):
+            cells = [f"{r[c]:.3f} [{r[c + '_lo']:.3f}, {r[c + '_hi']:.3f}]" for c in CLASSES]
+            lines.append(f"| {r['alpha']:+g} | {r['n']} | {' | '.join(cells)} | {r['repetition']:.3f} |")
+    plot(summary, out / FIGURE, title)
     lines += [
         "",
         f"![sentiment by alpha]({FIGURE})",

@@ -1,5 +1,5 @@
-"""The files of a run folder: their names, the Arrow schemas, and the (prompt_id, alpha) key
-that ties their rows together. Written by jobs/run.py, eval/classify.py and eval/report.py."""
+"""The files of a run folder: their names, the Arrow schemas, and the (prompt_id, vector, alpha)
+key that ties their rows together. Written by jobs/run.py, eval/classify.py and eval/report.py."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ GENERATIONS_SCHEMA = pa.schema(
 SENTIMENT_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.int32()),
+        ("vector", pa.string()),
         ("alpha", pa.float32()),
         ("classifier", pa.string()),
         ("p_negative", pa.float32()),
@@ -41,9 +42,12 @@ SENTIMENT_SCHEMA = pa.schema(
 )
 
 
-def row_keys(table: pa.Table) -> set[tuple[int, float]]:
-    """The (prompt_id, alpha) keys of a run table (generations or sentiment)."""
-    return set(zip(table.column("prompt_id").to_pylist(), table.column("alpha").to_pylist()))
+KEY = ["prompt_id", "vector", "alpha"]
+
+
+def row_keys(table: pa.Table) -> set[tuple[int, str, float]]:
+    """The (prompt_id, vector, alpha) keys of a run table (generations or sentiment)."""
+    return set(zip(*(table.column(k).to_pylist() for k in KEY)))
 
 
 def require(out: Path, name: str, made_by: str) -> Path:

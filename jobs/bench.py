@@ -1,10 +1,12 @@
 """`steer-batch bench` and `bench-extract`: throughput of steering inside vLLM, as ratios
 measured in one run.
 
-On one steering engine: unsteered requests, then every layer steered with 1, 3, 64 and 256
-distinct alphas; each as a ratio to unsteered. Then the same prompts through a stock engine (no
-steering installed) and through HF generate + forward hooks, the reference users would
-otherwise pick. Prefix caching is off so every configuration does the same work.
+On one steering engine with two random vectors on every layer: unsteered requests, then every
+layer steered with 1, 3, 64 and 256 distinct alphas, 256 distinct two-vector specs, an ablation
+on every layer, and adds on generated tokens only; each as a ratio to unsteered. Then the same
+prompts through a stock engine (no steering installed) and through HF generate + forward hooks,
+the reference users would otherwise pick. Prefix caching is off so every configuration does the
+same work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,31 @@ from pathlib import Path
 import numpy as np
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
+
+
+def _spread(distinct: int) -> np.ndarray:
+    return np.linspace(-4.0, 4.0, distinct) if distinct > 1 else np.array([4.0])
+
+
+def _configurations(num_prompts: int) -> dict[str, list[dict | None]]:
+    """Each configuration's extra_args, one per request."""
+    from steer_batch import steering
+
+    configs: dict[str, list[dict | None]] = {"unsteered": [None] * num_prompts}
+    for k in (k for k in DISTINCT_ALPHAS if k <= num_prompts):
+        configs[f"{k} alpha{'s' if k > 1 else ''}"] = [
+            steering("v", float(_spread(k)[i % k])) for i in range(num_prompts)
+        ]
+    if num_prompts >= 256:
+        a = _spread(256)
+        configs["256 two-vector specs"] = [
+            steering(("v", float(a[i % 256])), ("w", float(a[-1 - i % 256]))) for i in range(num_prompts)
+        ]
+    configs["ablate, every layer"] = [steering("v", 1.0, "ablate")] * num_prompts
+    configs["generated only"] = [
+        steering("v", float(_spread(3)[i % 3]), "add", "generated") for i in range(num_prompts)
+    ]
+    return configs
 
 
 def _log(msg: str) -> None:
@@ -39,25 +66,10 @@ def _random_vector(model_dir: Path, seed: int = 0):
     return SteeringVector(dirs, config.num_hidden_layers, model=str(model_dir), method="random", concept="bench")
 
 
-def _alphas(num_prompts: int, distinct: int | None) -> list[float | None]:
-    if distinct is None:
-        return [None] * num_prompts
-    values = np.linspace(-4.0, 4.0, distinct) if distinct > 1 else np.array([4.0])
-    return [float(values[i % distinct]) for i in range(num_prompts)]
-
-
-def _vllm_tok_s(llm, prompts: list[str], alphas: list[float | None], max_tokens: int) -> float:
+def _vllm_tok_s(llm, prompts: list[str], extra_args: list[dict | None], max_tokens: int) -> float:
     from vllm import SamplingParams
 
-    params = [
-        SamplingParams(
-            max_tokens=max_tokens,
-            temperature=0.0,
-            ignore_eos=True,
-            extra_args=None if a is None else {"steering_vector": "v", "steering_alpha": a},
-        )
-        for a in alphas
-    ]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=a) for a in extra_args]
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -110,8 +122,8 @@ def bench(
     hf: bool = True,
     eager: bool = False,
 ) -> dict[str, float]:
-    """tok/s of each configuration (best round): unsteered requests and 1/3/64/256 distinct alphas
-    on one steering engine, a stock engine, HF generate + hooks. Progress on stderr."""
+    """tok/s of each configuration (best round) on one steering engine (see the module doc), a
+    stock engine, HF generate + hooks. Progress on stderr."""
     from steer_batch.data import sentence_beginnings
     from steer_batch.engine.launch import close_llm, make_llm
     from steer_batch.jobs.models import resolve_model
@@ -119,37 +131,37 @@ def bench(
     model_dir = resolve_model(model)
     beginnings = sentence_beginnings()
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
-    vector = _random_vector(model_dir)
-    configs = {
-        "unsteered": None,
-        **{f"{k} alpha{'s' if k > 1 else ''}": k for k in DISTINCT_ALPHAS if k <= num_prompts},
-    }
+    vectors = {"v": _random_vector(model_dir, seed=0), "w": _random_vector(model_dir, seed=1)}
+    configs = _configurations(num_prompts)
     engine_args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
     tok_s: dict[str, list[float]] = {}
+    engines = {}
     with tempfile.TemporaryDirectory() as tmp:
-        vector.save(Path(tmp) / "v.safetensors")
-        # Both engines stay up and the configurations interleave round by round, so a slow
-        # moment of the machine hits them alike; the best round of each counts (on 2 cores one
-        # 10 s measurement varies by about +-5%).
-        engines = {"steer": make_llm(model_dir, {"v": Path(tmp) / "v.safetensors"}, **engine_args)}
-        if stock:
-            engines["stock"] = make_llm(model_dir, **engine_args)
-        runs = [(name, engines["steer"], distinct) for name, distinct in configs.items()]
-        runs += [("stock vLLM", engines["stock"], None)] if stock else []
-        for _, llm, distinct in runs:  # warm-up
-            _vllm_tok_s(llm, prompts[:8], _alphas(8, distinct), max_tokens)
-        for r in range(rounds):
-            # Rotate the order each round: whichever runs first after a pause tends to be slower.
-            for name, llm, distinct in runs[r % len(runs) :] + runs[: r % len(runs)]:
-                tok_s.setdefault(name, []).append(_vllm_tok_s(llm, prompts, _alphas(num_prompts, distinct), max_tokens))
-                _log(f"round {r + 1}/{rounds} {name:>12}: {tok_s[name][-1]:8.1f} tok/s")
-        for llm in engines.values():
-            close_llm(llm)
+        for name, vector in vectors.items():
+            vector.save(Path(tmp) / f"{name}.safetensors")
+        try:
+            # Both engines stay up and the configurations interleave round by round, so a slow
+            # moment of the machine hits them alike; the best round of each counts (on 2 cores
+            # one 10 s measurement varies by about +-5%).
+            engines["steer"] = make_llm(model_dir, {n: Path(tmp) / f"{n}.safetensors" for n in vectors}, **engine_args)
+            if stock:
+                engines["stock"] = make_llm(model_dir, **engine_args)
+            runs = [(name, engines["steer"], args) for name, args in configs.items()]
+            runs += [("stock vLLM", engines["stock"], configs["unsteered"])] if stock else []
+            for _, llm, args in runs:  # warm-up
+                _vllm_tok_s(llm, prompts[:8], args[:8], max_tokens)
+            for r in range(rounds):
+                # Rotate the order each round: whichever runs first after a pause tends to be slower.
+                for name, llm, args in runs[r % len(runs) :] + runs[: r % len(runs)]:
+                    tok_s.setdefault(name, []).append(_vllm_tok_s(llm, prompts, args, max_tokens))
+                    _log(f"round {r + 1}/{rounds} {name:>20}: {tok_s[name][-1]:8.1f} tok/s")
+        finally:
+            for llm in engines.values():
+                close_llm(llm)
     results = {name: max(values) for name, values in tok_s.items()}
     if hf:
-        results["HF + hooks"] = _hf_tok_s(
-            model_dir, vector, prompts, _alphas(num_prompts, 3), max_tokens, batch=num_prompts
-        )
+        alphas = [float(_spread(3)[i % 3]) for i in range(num_prompts)]
+        results["HF + hooks"] = _hf_tok_s(model_dir, vectors["v"], prompts, alphas, max_tokens, batch=num_prompts)
     return results
 
 

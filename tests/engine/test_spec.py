@@ -182,3 +182,26 @@ def test_positions_to_the_end_with_scope_all_equal_no_positions(capture_engine):
     assert generate(llm, prompts, N_TOKENS, [steering("b", 2.0, positions=(0, -1))] * 6) == generate(
         llm, prompts, N_TOKENS, [steering("b", 2.0)] * 6
     )
+
+
+def test_preemption_keeps_the_prompt_generated_split(models):
+    """A KV cache too small for the batch (18 blocks of 32 tokens) makes vLLM preempt running
+    requests and recompute them later from their prompt and output so far; scopes and positions
+    must still count from the sequence's own start."""
+    model_dir, vectors, paths = models["llama"]
+    llm = make_llm(
+        model_dir, paths, block_size=32, num_gpu_blocks_override=18, max_num_batched_tokens=64, disable_log_stats=False
+    )
+    try:
+        prompts = make_prompts(16, seed=44, min_len=20, max_len=40)
+        cases = [CASES[k] for k in (8, 7, 9, 10)] * 4  # scope generated, prompt, per-entry, ActAdd positions
+        got = generate(llm, prompts, 24, [case[1] for case in cases])
+        preempted = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}["vllm:num_preemptions"]
+    finally:
+        close_llm(llm)
+    assert preempted > 0, "no request was preempted: the test did not test anything"
+    want = [
+        oracle_greedy(model_dir, p, 24, entries=[(vectors[n], *rest) for n, *rest in case[2]], positions=case[3])
+        for p, case in zip(prompts, cases)
+    ]
+    assert got == want

@@ -246,6 +246,30 @@ def run(
     click.echo(f"time: {times}, total {result.seconds['total']:.0f} s", err=True)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("model", required=False)
+@click.option("--vector", "vectors", multiple=True, metavar="NAME=FILE", help="A start-up vector; repeat for several.")
+@click.option(
+    "--allow-runtime-vectors",
+    "runtime_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Let clients add and remove vectors at runtime (POST/DELETE /v1/steering/vectors), from files in DIR only.",
+)
+@click.option(
+    "--max-vectors", type=click.IntRange(1, 4096), default=None, help="Bank rows for all vectors (default 16)."
+)
+@_verbose
+@click.pass_context
+def serve(ctx, model, vectors, runtime_dir, max_vectors):
+    """vLLM's OpenAI-compatible server, steering. MODEL: an HF folder or hub id (default: the
+    embedded SmolLM2-135M-Instruct). Other flags go to vLLM as given (--port, --host, --api-key...)."""
+    from steer_batch.jobs.run import parse_vectors
+    from steer_batch.serve.server import serve as serve_job
+
+    serve_job(model, parse_vectors(vectors), runtime_dir, max_vectors, ctx.args)
+
+
 @main.command("classify")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(

@@ -10,6 +10,10 @@ Engine:  additional_config={"steering": {"vectors": {"happy": "happy.safetensors
          or "fused" (folded into the next RMSNorm by the kernels/ op; opt-in).
          "max_abs_alpha": the largest |steering_alpha| a request may ask for (DEFAULT_MAX_ABS_ALPHA).
          "max_vectors_per_request": how many entries one request may list (default 4).
+         "runtime_vectors": true, or a directory the files must lie in: vectors may be added and
+         removed while the engine runs (engine/runtime.py); "max_vectors" (default 16) bank rows
+         are allocated at start-up; "layers" ("all", or a list; default: the start-up vectors'
+         layers, all layers with runtime vectors) are the layers any vector may steer.
 Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}, or several entries:
          {"steering_vector": ["happy", "refusal"], "steering_alpha": [4, 1], "steering_op": ["add", "ablate"],
           "steering_scope": "generated", "steering_positions": [0, -1]}
@@ -38,7 +42,10 @@ REQUEST_KEYS = (VECTOR_KEY, ALPHA_KEY, OP_KEY, SCOPE_KEY, POSITIONS_KEY)
 OPS = ("add", "ablate", "clamp")
 SCOPES = ("all", "prompt", "generated")
 # "code" is written by the front end (a hash of the steering code).
-_CONFIG_FIELDS = ("vectors", "capture", "steer_op", "max_abs_alpha", "max_vectors_per_request", "code")
+_CONFIG_FIELDS = (
+    "vectors", "capture", "steer_op", "max_abs_alpha", "max_vectors_per_request", "max_vectors", "layers",
+    "runtime_vectors", "code",
+)  # fmt: skip
 STEER_OPS = ("add", "fused")
 _VECTOR_FIELDS = ("path", "sha256", "layers")
 # Useful strengths are far below this: mean-difference vectors degrade text from |alpha| ~ 2, and
@@ -46,6 +53,11 @@ _VECTOR_FIELDS = ("path", "sha256", "layers")
 # common models). Above it a request is a typo (1e6 for 1e-6) or an attack, and is refused.
 DEFAULT_MAX_ABS_ALPHA = 1000.0
 DEFAULT_MAX_VECTORS_PER_REQUEST = 4
+DEFAULT_MAX_VECTORS = 16  # bank rows per steered layer: start-up and runtime vectors together
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 @dataclass(frozen=True)
@@ -60,14 +72,17 @@ class VectorSpec:
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    """The engine's vectors, by the names requests use, and the layers it captures. Unknown keys
-    are errors."""
+    """The engine's vectors, by the names requests use (their order gives their bank rows), and
+    its settings (module doc). Unknown keys are errors."""
 
     vectors: dict[str, VectorSpec]
     capture: tuple[int, ...] = ()
     steer_op: str | None = None  # "add" or "fused"; None: the front end's default (engine/frontend.py)
     max_abs_alpha: float = DEFAULT_MAX_ABS_ALPHA
     max_vectors_per_request: int = DEFAULT_MAX_VECTORS_PER_REQUEST
+    max_vectors: int = DEFAULT_MAX_VECTORS
+    layers: str | tuple[int, ...] | None = None  # steerable layers: None = the vectors' own, "all", or a list
+    runtime_vectors: bool | str = False  # vectors may be added at runtime: True (any file) or a directory
 
     @property
     def names(self) -> list[str]:
@@ -89,38 +104,56 @@ class SteeringConfig:
             raise SteerBatchError(
                 f'additional_config["steering"] has unknown keys {unknown}; allowed: {list(_CONFIG_FIELDS)}'
             )
-        vectors, capture = raw.get("vectors", {}), raw.get("capture", [])
-        if not isinstance(vectors, dict) or not (vectors or capture):
+
+        def field(key: str, default: Any, ok, expected: str) -> Any:
+            value = raw.get(key, default)
+            if not ok(value):
+                raise SteerBatchError(f'additional_config["steering"]["{key}"]={value!r}; {expected}')
+            return value
+
+        runtime = field(
+            "runtime_vectors", False, lambda v: isinstance(v, (bool, str)), "expected true, false or a directory"
+        )
+        vectors = field("vectors", {}, lambda v: isinstance(v, dict), "expected a dict of name -> vector file path")
+        capture = field(
+            "capture",
+            [],
+            lambda v: isinstance(v, (list, tuple)) and all(_is_int(i, 0, 1 << 20) for i in v),
+            "must be a list of layer indices",
+        )
+        if not (vectors or capture or runtime):
             raise SteerBatchError(
-                'additional_config["steering"]["vectors"] must be a non-empty dict of name -> vector file path'
+                'additional_config["steering"]["vectors"] must be a non-empty dict of name -> vector file path '
+                '(or set "capture" or "runtime_vectors")'
             )
-        if not isinstance(capture, (list, tuple)) or not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in capture
-        ):
-            raise SteerBatchError(
-                f'additional_config["steering"]["capture"] must be a list of layer indices; got {capture!r}'
-            )
-        steer_op = raw.get("steer_op")
-        if steer_op not in (None, *STEER_OPS):
-            raise SteerBatchError(f'additional_config["steering"]["steer_op"]={steer_op!r}; allowed: {list(STEER_OPS)}')
-        max_abs_alpha = raw.get("max_abs_alpha", DEFAULT_MAX_ABS_ALPHA)
-        if (
-            isinstance(max_abs_alpha, bool)
-            or not isinstance(max_abs_alpha, (int, float))
-            or not 0 < max_abs_alpha < math.inf
-        ):
-            raise SteerBatchError(
-                f'additional_config["steering"]["max_abs_alpha"]={max_abs_alpha!r}; expected a finite number > 0 '
-                f"(default {DEFAULT_MAX_ABS_ALPHA:g})"
-            )
-        slots = raw.get("max_vectors_per_request", DEFAULT_MAX_VECTORS_PER_REQUEST)
-        if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 64:
-            raise SteerBatchError(
-                f'additional_config["steering"]["max_vectors_per_request"]={slots!r}; expected an integer from 1 to 64 '
-                f"(default {DEFAULT_MAX_VECTORS_PER_REQUEST})"
-            )
+        steer_op = field("steer_op", None, lambda v: v in (None, *STEER_OPS), f"allowed: {list(STEER_OPS)}")
+        max_abs_alpha = field(
+            "max_abs_alpha",
+            DEFAULT_MAX_ABS_ALPHA,
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+            f"expected a finite number > 0 (default {DEFAULT_MAX_ABS_ALPHA:g})",
+        )
+        slots = field(
+            "max_vectors_per_request",
+            DEFAULT_MAX_VECTORS_PER_REQUEST,
+            lambda v: _is_int(v, 1, 64),
+            f"expected an integer from 1 to 64 (default {DEFAULT_MAX_VECTORS_PER_REQUEST})",
+        )
+        rows = field(
+            "max_vectors",
+            max(DEFAULT_MAX_VECTORS, len(vectors)),
+            lambda v: _is_int(v, max(1, len(vectors)), 4096),
+            f"expected an integer from the number of vectors ({len(vectors)}) to 4096 (default {DEFAULT_MAX_VECTORS})",
+        )
+        layers = field(
+            "layers",
+            None,
+            lambda v: v in (None, "all") or (isinstance(v, (list, tuple)) and all(_is_int(i, 0, 1 << 20) for i in v)),
+            'expected "all" or a list of layer indices',
+        )
+        layers = tuple(sorted(set(layers))) if isinstance(layers, (list, tuple)) else layers
         vectors = {_check_name(name): _vector_spec(name, spec) for name, spec in vectors.items()}
-        return cls(vectors, tuple(sorted(set(capture))), steer_op, float(max_abs_alpha), slots)
+        return cls(vectors, tuple(sorted(set(capture))), steer_op, float(max_abs_alpha), slots, rows, layers, runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +162,9 @@ class SteeringConfig:
             "steer_op": self.steer_op,
             "max_abs_alpha": self.max_abs_alpha,
             "max_vectors_per_request": self.max_vectors_per_request,
+            "max_vectors": self.max_vectors,
+            "layers": list(self.layers) if isinstance(self.layers, tuple) else self.layers,
+            "runtime_vectors": self.runtime_vectors,
         }
 
 

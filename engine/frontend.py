@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm.exceptions import VLLMValidationError
@@ -17,10 +20,12 @@ from steer_batch.engine.config import (
     CONFIG_KEY,
     SteeringConfig,
     SteeringRequestError,
+    SteeringSpec,
     VectorSpec,
     file_sha256,
     parse_request,
 )
+from steer_batch.engine.launch import WORKER_EXTENSION
 from steer_batch.errors import SteerBatchError
 from steer_batch.vectors.vector import SteeringVector
 
@@ -59,18 +64,40 @@ def prepare_engine_config(vllm_config) -> None:
         if spec.sha256 is not None and spec.sha256 != sha:
             raise SteerBatchError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")
         pinned[name] = VectorSpec(str(path), sha, tuple(vector.layers))
-    bad = [i for i in config.capture if not 0 <= i < hf.num_hidden_layers]
-    if bad:
-        raise SteerBatchError(
-            f'additional_config["steering"]["capture"]: layers {bad} are outside 0..{hf.num_hidden_layers - 1}'
-        )
+    for key, layers in (("capture", config.capture), ("layers", config.layers)):
+        bad = [i for i in layers if not 0 <= i < hf.num_hidden_layers] if isinstance(layers, tuple) else []
+        if bad:
+            raise SteerBatchError(
+                f'additional_config["steering"]["{key}"]: layers {bad} are outside 0..{hf.num_hidden_layers - 1}'
+            )
     if config.capture and not model_config.enforce_eager:
         raise SteerBatchError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
+    # The steerable layers, pinned: those listed, all, or the start-up vectors' own.
+    layers = config.layers
+    if layers == "all" or (layers is None and config.runtime_vectors):
+        layers = tuple(range(hf.num_hidden_layers))
+    elif layers is None:
+        layers = tuple(sorted({i for spec in pinned.values() for i in spec.layers}))
+    outside = {name: sorted(set(spec.layers) - set(layers)) for name, spec in pinned.items()}
+    outside = {name: bad for name, bad in outside.items() if bad}
+    if outside:
+        raise SteerBatchError(
+            f'additional_config["steering"]["layers"]={list(layers)} leaves out layers the vectors steer: {outside}'
+        )
+    if config.runtime_vectors:
+        # Runtime vectors reach the workers through the worker extension (engine/worker.py).
+        parallel = vllm_config.parallel_config
+        if parallel.worker_extension_cls not in ("", None, WORKER_EXTENSION):
+            raise SteerBatchError(
+                f"runtime steering vectors need worker_extension_cls={WORKER_EXTENSION!r}; "
+                f"this engine has {parallel.worker_extension_cls!r}"
+            )
+        parallel.worker_extension_cls = WORKER_EXTENSION
     # "add" everywhere until kernels/gpu_check.py has passed on a GPU (README, Kernels): the
     # fused op's Triton kernel has only run under the interpreter so far.
     steer_op = config.steer_op or "add"
     vllm_config.additional_config[CONFIG_KEY] = {
-        **dataclasses.replace(config, vectors=pinned, steer_op=steer_op).to_dict(),
+        **dataclasses.replace(config, vectors=pinned, steer_op=steer_op, layers=layers).to_dict(),
         "code": _code_hash(),
     }
     _require_v1_runner(vllm_config)
@@ -102,24 +129,69 @@ def _require_v1_runner(vllm_config) -> None:
     assert not vllm_config.use_v2_model_runner
 
 
-def request_salt(processor, params) -> str | None:
-    """Validate a request's steering_* keys (VLLMValidationError naming the field) and return its
-    prefix-cache salt: None for unsteered requests (every entry a no-op included), so those
-    share KV blocks with stock traffic; otherwise it covers the whole spec: each entry's vector
-    file, alpha, op and scope, and the positions."""
-    if not hasattr(processor, "_steer_batch_config"):
-        processor._steer_batch_config = SteeringConfig.from_additional_config(processor.vllm_config.additional_config)
-    config = processor._steer_batch_config
+@dataclass
+class Registry:
+    """One engine's steering, as its front end knows it: the config requests are validated
+    against (with the vectors added at runtime), each vector's bank row, and which requests use
+    which vectors (engine/runtime.py refuses to remove a vector in use). vLLM's server validates
+    requests on a thread pool: `lock` orders that against runtime changes."""
+
+    config: SteeringConfig | None
+    rows: dict[str, int] = field(default_factory=dict)
+    # external request id -> (vector names, admitted at, seen running by the output processor)
+    live: dict[str, tuple[tuple[str, ...], float, bool]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def of(cls, processor) -> Registry:
+        """The registry of the engine whose InputProcessor is `processor` (made on first use)."""
+        if not hasattr(processor, "_steer_batch_registry"):
+            config = SteeringConfig.from_additional_config(processor.vllm_config.additional_config)
+            rows = {name: row for row, name in enumerate(config.vectors)} if config else {}
+            processor._steer_batch_registry = cls(config, rows)
+        return processor._steer_batch_registry
+
+    def users(self, name: str, running: set[str], settled: bool) -> list[str]:
+        """External ids of the requests that may still use `name`, given the ids the output
+        processor runs now. Called under `lock`. A request counts from its validation on and is
+        dropped once it is not running and: `settled` (no request is between validation and the
+        output processor, as in a synchronous LLM), it was seen running before, or a second has
+        passed since its validation (the server hands a validated request on at once)."""
+        now = time.monotonic()
+        for rid, (names, since, seen) in list(self.live.items()):
+            if rid in running:
+                self.live[rid] = (names, since, True)
+            elif settled or seen or now - since > 1.0:
+                del self.live[rid]
+        return [rid for rid, (names, _, _) in self.live.items() if name in names]
+
+
+def check_request(processor, request_id: str, params) -> SteeringSpec | None:
+    """A request's steering spec (None: stock vLLM), or VLLMValidationError naming the field.
+    A steered request is noted with the vectors it uses, under the registry's lock."""
     extra_args = getattr(params, "extra_args", None)
-    try:
-        spec = parse_request(extra_args, config)
-    except SteeringRequestError as e:
-        raise VLLMValidationError(str(e), parameter=e.field, value=(extra_args or {}).get(e.field)) from None
+    registry = Registry.of(processor)
+    with registry.lock:
+        try:
+            spec = parse_request(extra_args, registry.config)
+        except SteeringRequestError as e:
+            raise VLLMValidationError(str(e), parameter=e.field, value=(extra_args or {}).get(e.field)) from None
+        if spec is not None and registry.config.runtime_vectors:
+            registry.live[request_id] = (tuple(e.vector for e in spec.entries), time.monotonic(), False)
+    return spec
+
+
+def admit(processor, request, spec: SteeringSpec | None):
+    """Give a steered request its prefix-cache salt. Unsteered requests (every entry a no-op
+    included) get none, so they share KV blocks with stock traffic; otherwise the salt covers
+    the whole spec: each entry's vector file (sha256), alpha, op and scope, and the positions."""
     if spec is None:
-        return None
-    sha = {name: vector.sha256 for name, vector in config.vectors.items()}
+        return request
+    sha = {name: vector.sha256 for name, vector in Registry.of(processor).config.vectors.items()}
     entries = ";".join(f"{e.vector}@{sha[e.vector]}:{e.alpha!r}:{e.op}:{e.scope}" for e in spec.entries)
-    return f"steer-batch:{entries}:{spec.positions}"
+    salt = f"steer-batch:{entries}:{spec.positions}"
+    request.cache_salt = salt if request.cache_salt is None else f"{salt}|{request.cache_salt}"
+    return request
 
 
 def fail_non_finite(processor, outputs) -> list[str]:

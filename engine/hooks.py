@@ -59,14 +59,11 @@ def _create_engine_config(original):
 
 
 def _process_inputs(original):
-    from steer_batch.engine.frontend import request_salt
+    from steer_batch.engine.frontend import admit, check_request
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        salt = request_salt(self, params)  # validates first: a bad request goes no further
-        request = original(self, request_id, prompt, params, *args, **kwargs)
-        if salt is not None:
-            request.cache_salt = salt if request.cache_salt is None else f"{salt}|{request.cache_salt}"
-        return request
+        spec = check_request(self, request_id, params)  # validates first: a bad request goes no further
+        return admit(self, original(self, request_id, prompt, params, *args, **kwargs), spec)
 
     return process_inputs
 

@@ -62,7 +62,11 @@ def check_plugin_allowed() -> None:
 def require_steering(llm) -> None:
     """Raise unless every worker of `llm` runs a model with steering installed (the plugin can
     be left out of a process without an error: vLLM only logs a plugin that fails to load)."""
-    layouts = llm.collective_rpc("steer_batch_layout")
+    check_layouts(llm.collective_rpc("steer_batch_layout"))
+
+
+def check_layouts(layouts: list[dict]) -> None:
+    """The check of `require_steering`, on the workers' answers to "steer_batch_layout"."""
     if not all(any(layout.values()) for layout in layouts):
         raise SteeringNotInstalled(
             f"steering was asked for but is not installed in the engine (worker layouts: {layouts}); "

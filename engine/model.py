@@ -11,6 +11,7 @@ a batch holds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -25,7 +26,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*)
-from steer_batch.engine.config import SteeringConfig, file_sha256
+from steer_batch.engine.config import SteeringConfig, VectorSpec, file_sha256
 from steer_batch.engine.hooks import swap_class
 from steer_batch.errors import SteerBatchError
 from steer_batch.kernels import steer_add
@@ -46,9 +47,12 @@ class SteeringState(nn.Module):
     those rows in `pending`, which the runner files under the request ids after the step.
     """
 
-    def __init__(self, names: list[str], max_tokens: int, slots: int, capture_layers: tuple[int, ...] = ()):
+    def __init__(self, config: SteeringConfig, max_tokens: int, capture_layers: tuple[int, ...] = ()):
         super().__init__()
-        self.index = {name: i for i, name in enumerate(names)}
+        self.config = config  # the engine's, with the vectors added or removed at runtime
+        self.index = {name: i for i, name in enumerate(config.vectors)}  # vector name -> bank row
+        slots = config.max_vectors_per_request
+        self.banks: dict[int, nn.Module] = {}  # steered layer -> the module holding its steer_v, steer_u
         self.capture_layers = capture_layers
         self.layout: dict[str, list[int]] = {"added": [], "folded": [], "captured": list(capture_layers)}
         self.capture_rows = torch.zeros(0, dtype=torch.long)
@@ -57,13 +61,32 @@ class SteeringState(nn.Module):
             self.register_buffer(name, torch.zeros(max_tokens, slots, dtype=torch.float32), persistent=False)
         self.register_buffer("vid", torch.zeros(max_tokens, slots, dtype=torch.int32), persistent=False)
 
-    def attach(self, module: nn.Module, V: torch.Tensor, U: torch.Tensor) -> None:
-        """Give `module` the per-token inputs and one layer's banks: V the raw directions, U the
-        unit directions, [num_vectors, hidden] (a zero row where a vector has none)."""
+    def attach(self, layer: int, module: nn.Module, V: torch.Tensor) -> None:
+        """Give `module` the per-token inputs and layer `layer`'s banks: V the raw directions
+        [bank rows, hidden] (a zero row where a vector has none, or for a free row) and U the unit
+        directions."""
         for name in ("p", "q", "r", "vid"):
             module.register_buffer(f"steer_{name}", getattr(self, name), persistent=False)
         module.register_buffer("steer_v", V, persistent=False)
-        module.register_buffer("steer_u", U, persistent=False)
+        module.register_buffer("steer_u", _unit(V), persistent=False)
+        self.banks[layer] = module
+
+    def write(self, name: str, row: int, vector: SteeringVector | None, path: str = "") -> None:
+        """Put `vector` into bank row `row` of every steered layer in place (addresses stay, so
+        compiled graphs and CUDA graphs see it), or clear the row (None); `name` then maps to
+        `row`, or to nothing."""
+        for layer, module in self.banks.items():
+            v = vector.directions.get(layer) if vector is not None else None
+            v = torch.zeros(module.steer_v.shape[1]) if v is None else v
+            module.steer_v[row].copy_(v)
+            module.steer_u[row].copy_(_unit(v[None])[0])
+        vectors = {k: v for k, v in self.config.vectors.items() if k != name}
+        if vector is None:
+            self.index.pop(name, None)
+        else:
+            self.index[name] = row
+            vectors[name] = VectorSpec(path)
+        self.config = dataclasses.replace(self.config, vectors=vectors)
 
     @staticmethod
     def inputs(module: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -72,6 +95,10 @@ class SteeringState(nn.Module):
     def capture(self, layer: int, output: torch.Tensor) -> None:
         if len(self.capture_rows):
             self.pending[layer] = output[self.capture_rows.to(output.device)].float().cpu()
+
+
+def _unit(V: torch.Tensor) -> torch.Tensor:
+    return V / V.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # a zero row stays zero
 
 
 class _SteeredLayer:
@@ -142,8 +169,9 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     local = range(decoder.start_layer, decoder.end_layer)  # this pipeline stage's layers
     with torch.device(param.device):
         captured = tuple(i for i in config.capture if i in local)
-        state = SteeringState(list(vectors), max_tokens, config.max_vectors_per_request, captured)
-    steered = sorted({i for v in vectors.values() for i in v.layers if i in local})
+        state = SteeringState(config, max_tokens, captured)
+    steerable = config.layers if isinstance(config.layers, tuple) else {i for v in vectors.values() for i in v.layers}
+    steered = sorted(i for i in steerable if i in local)
     fused = config.steer_op == "fused" and not state.capture_layers  # capture reads the layer's own output
     folded = []
     for i in sorted(set(steered) | set(state.capture_layers)):
@@ -155,15 +183,16 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
             layer.register_buffer("steer_v", None, persistent=False)
         if i not in steered:
             continue
-        zero = torch.zeros(hf.hidden_size)
-        V = torch.stack([v.directions.get(i, zero) for v in vectors.values()])  # [vectors, hidden]
-        U = V / V.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # a zero row stays zero
+        V = torch.zeros(config.max_vectors, hf.hidden_size)  # [bank rows, hidden]; rows past the vectors are free
+        for row, v in enumerate(vectors.values()):
+            if i in v.directions:
+                V[row] = v.directions[i]
         target = layer
         if norm is not None:
             swap_class(norm, _SteeredNorm)
             target = norm
             folded.append(i)
-        state.attach(target, V.to(param.device), U.to(param.device))
+        state.attach(i, target, V.to(param.device))
     state.layout.update(added=[i for i in steered if i not in folded], folded=folded)
     logger.info(
         "steer-batch: steering layers %s with vectors %s; capturing layers %s",

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from steer_batch.engine.config import SteeringConfig, parse_request
+from steer_batch.engine.config import SteeringConfig, SteeringRequestError, parse_request
 from steer_batch.engine.model import SteeringState
 from steer_batch.errors import SteeringNotInstalled
+
+logger = init_logger(__name__)
 
 # A request's plan: one column per entry slot, rows vid, p, q, r and the [lo, hi) absolute
 # positions the entry steers (its scope within the request's positions).
@@ -26,7 +29,6 @@ class StepFiller:
 
     def __init__(self, runner: GPUModelRunner, state: SteeringState):
         self.state = state
-        self.config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
         self.buffers = {name: self._staging(getattr(state, name)) for name in ("p", "q", "r", "vid")}
         self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan; None: unsteered
         self.unsteered = np.zeros((6, state.p.shape[1]))
@@ -48,7 +50,11 @@ class StepFiller:
         if req_id in self.plans:
             return self.plans[req_id]
         request = runner.requests[req_id]
-        spec = parse_request(request.sampling_params.extra_args, self.config)
+        try:
+            spec = parse_request(request.sampling_params.extra_args, self.state.config)
+        except SteeringRequestError as e:  # the front end checked it: a vector removed meanwhile
+            logger.error("steer-batch: request %s runs unsteered: %s", req_id, e)
+            return None
         if spec is None:
             return None
         plan = np.zeros((6, self.state.p.shape[1]))

@@ -5,11 +5,32 @@ import numpy as np
 
 
 class SteeringWorkerExtension:
+    def _steering(self):
+        return getattr(self.model_runner.get_model(), "steering", None)
+
     def steer_batch_layout(self) -> dict:
         """Where this worker steers: {"added": layers that add after themselves, "folded":
         layers whose add runs inside the next RMSNorm, "captured": captured layers}."""
-        state = getattr(self.model_runner.get_model(), "steering", None)
+        state = self._steering()
         return dict(state.layout) if state is not None else {}
+
+    def steer_batch_add_vector(self, name: str, path: str, sha256: str, row: int) -> None:
+        """Load the vector file the front end validated (engine/runtime.py) into bank row `row`."""
+        from steer_batch.engine.config import file_sha256
+        from steer_batch.errors import SteerBatchError
+        from steer_batch.vectors.vector import SteeringVector
+
+        if file_sha256(path) != sha256:
+            raise SteerBatchError(f"steering vector {name!r}: {path} changed while it was being added (sha256 differs)")
+        hf = self.model_runner.vllm_config.model_config.hf_text_config
+        self._steering().write(
+            name, row, SteeringVector.load_for_model(name, path, hf.hidden_size, hf.num_hidden_layers), path
+        )
+
+    def steer_batch_remove_vector(self, name: str) -> None:
+        """Clear the bank row of `name` (no running request uses it: engine/runtime.py)."""
+        state = self._steering()
+        state.write(name, state.index[name], None)
 
     def steer_batch_take_captures(self) -> dict:
         """{"ids": request ids, "shape": [requests, layers, hidden], "data": float32 bytes}: raw

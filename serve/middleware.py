@@ -1,11 +1,19 @@
-"""HTTP middleware for vLLM's OpenAI-compatible server (its `--middleware` option).
+"""HTTP middleware for vLLM's OpenAI-compatible server (its `--middleware` option), which
+`steer-batch serve` installs:
 
-vLLM's request schema reads `vllm_xargs` values as `str | int | float`, and pydantic turns a JSON
-`true` into 1 before `extra_args` is built, so `"steering_alpha": true` would arrive in the
-plugin as alpha 1. The raw body still tells a boolean from a number: this middleware answers
-such a request with HTTP 400 naming the field, in vLLM's own error format.
+    python -m vllm.entrypoints.openai.api_server ... --middleware steer_batch.serve.middleware.steering
 
-    python -m vllm.entrypoints.openai.api_server ... --middleware steer_batch.serve.middleware.strict_steering_json
+- Runtime vectors: `GET /v1/steering/vectors` lists the engine's vectors; `POST` with
+  `{"name": ..., "path": ...}` loads a vector file (the engine must allow runtime vectors, and a
+  file outside its directory is refused with 403); `DELETE /v1/steering/vectors/{name}` removes
+  one, refused with 409 while a request uses it (engine/runtime.py). They honour the server's
+  API key (`--api-key` / VLLM_API_KEY) as vLLM's own endpoints do.
+- Strict types: vLLM's request schema reads `vllm_xargs` values as `str | int | float`, and
+  pydantic turns a JSON `true` into 1 before `extra_args` is built, so `"steering_alpha": true`
+  would arrive as alpha 1. The raw body still tells a boolean from a number: such a request gets
+  HTTP 400 naming the field.
+
+Errors use vLLM's own error format (`{"error": {"message", "type", "param", "code"}}`).
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from __future__ import annotations
 import json
 
 from steer_batch.engine.config import REQUEST_PREFIX
+
+VECTORS_PATH = "/v1/steering/vectors"
 
 
 def bool_steering_field(body: bytes) -> str | None:
@@ -32,20 +42,75 @@ def bool_steering_field(body: bytes) -> str | None:
     return None
 
 
-async def strict_steering_json(request, call_next):
+def _error(message: str, status: int, param: str | None = None):
+    from http import HTTPStatus
+
+    from fastapi.responses import JSONResponse
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError"}
+    error = create_error_response(message, kind.get(status, "ConflictError"), HTTPStatus(status), param)
+    return JSONResponse(error.model_dump(), status_code=status)
+
+
+def _authorized(request) -> bool:
+    """The server's API key check (vLLM's AuthenticationMiddleware), for our endpoints, which
+    this middleware answers before vLLM's own middleware runs."""
+    from vllm import envs
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    args = request.app.state.args
+    tokens = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
+    return not tokens or AuthenticationMiddleware(None, tokens).verify_token(request.headers)
+
+
+async def _vectors(request):
+    from steer_batch.engine import runtime
+
+    engine = request.app.state.engine_client
+    name = request.url.path[len(VECTORS_PATH) :].strip("/")
+    if request.method == "GET" and not name:
+        return {"object": "list", "data": runtime.list_vectors(engine)}
+    if request.method == "POST" and not name:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:
+            raise runtime.RuntimeVectorError(
+                f'the body is not JSON ({e}); send {{"name": ..., "path": ...}}', 400
+            ) from None
+        if not isinstance(body, dict) or set(body) != {"name", "path"} or not isinstance(body["path"], str):
+            raise runtime.RuntimeVectorError(
+                'send {"name": "...", "path": "/dir/file.safetensors"} and nothing else', 400
+            )
+        return await runtime.add_vector_async(engine, body["name"], body["path"])
+    if request.method == "DELETE" and name:
+        await runtime.remove_vector_async(engine, name)
+        return {"name": name, "deleted": True}
+    raise runtime.RuntimeVectorError(
+        f"{request.method} {request.url.path}: use GET or POST {VECTORS_PATH}, or DELETE {VECTORS_PATH}/NAME", 404
+    )
+
+
+async def steering(request, call_next):
+    path = request.url.path
+    if path == VECTORS_PATH or path.startswith(VECTORS_PATH + "/"):
+        from fastapi.responses import JSONResponse
+
+        from steer_batch.engine.runtime import RuntimeVectorError
+
+        if request.method != "OPTIONS" and not _authorized(request):
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        try:
+            return JSONResponse(await _vectors(request))
+        except RuntimeVectorError as e:
+            return _error(str(e), e.status, e.param)
     if request.method == "POST":
         field = bool_steering_field(await request.body())  # Starlette keeps the body for the endpoint
         if field is not None:
-            from fastapi.responses import JSONResponse
-            from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-            from vllm.exceptions import VLLMValidationError
-
-            error = create_error_response(
-                VLLMValidationError(
-                    f"{field}: a JSON boolean is not allowed here (vLLM's request schema would read true as 1); "
-                    "send a number or a string",
-                    parameter=field,
-                )
+            return _error(
+                f"{field}: a JSON boolean is not allowed here (vLLM's request schema would read true as 1); "
+                "send a number or a string",
+                400,
+                field,
             )
-            return JSONResponse(error.model_dump(), status_code=error.error.code)
     return await call_next(request)

@@ -73,7 +73,7 @@ def server(setup):
         "--additional-config",
         json.dumps(steering),
         "--middleware",
-        "steer_batch.serve.middleware.strict_steering_json",
+        "steer_batch.serve.middleware.steering",
     ]
     url = f"http://127.0.0.1:{port}"
     with open(folder / "server.log", "wb") as log:

@@ -27,7 +27,7 @@ def test_engine_config_shapes():
         (
             {"steering": {"vectors": {"a": "x"}, "layerz": 1}},
             r"unknown keys \['layerz'\]; allowed: \['vectors', 'capture', 'steer_op', 'max_abs_alpha', "
-            r"'max_vectors_per_request', 'code'\]",
+            r"'max_vectors_per_request', 'max_vectors', 'layers', 'runtime_vectors', 'code'\]",
         ),
         (
             {"steering": {"vectors": {"a": "x"}, "steer_op": "triton"}},

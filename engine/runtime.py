@@ -1,0 +1,236 @@
+"""Steering vectors added to and removed from a running engine.
+
+The front end keeps the registry requests are validated against (engine/frontend.py); the
+workers keep the banks (engine/worker.py). Capacity is fixed at start-up, `max_vectors` rows per
+steerable layer allocated once, so compiled graphs and CUDA graphs stay valid: adding writes a
+row in place, removing clears it. An engine allows it when started with
+`additional_config={"steering": {"runtime_vectors": True}}` (any file) or a directory the files
+must lie in (after resolving symlinks).
+
+    from steer_batch.engine.runtime import add_vector, list_vectors, remove_vector
+    add_vector(llm, "calm", "calm.safetensors")      # usable by the next request
+    remove_vector(llm, "calm")                       # refused while a request uses it
+
+The server runs the same steps through `add_vector_async` / `remove_vector_async`
+(serve/middleware.py); there a removal refuses new requests naming the vector at once and waits
+(up to a minute, 409 after) for the requests already using it to finish. A vector is validated
+exactly like a start-up vector (hidden size, layers, finite values); a name is the file's until
+removed, and a name added again with another file never shares KV blocks with the old one (the
+cache salt covers the file's sha256).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+
+from steer_batch.engine.config import VectorSpec, file_sha256
+from steer_batch.engine.frontend import Registry
+from steer_batch.errors import SteerBatchError
+from steer_batch.vectors.vector import SteeringVector
+
+WAIT_SECONDS = 60.0  # how long a server's DELETE waits for the requests using the vector
+
+
+class RuntimeVectorError(SteerBatchError):
+    """A runtime vector operation refused; `status` is its HTTP status (400, 403, 404, 409)."""
+
+    def __init__(self, message: str, status: int, param: str | None = None):
+        super().__init__(message, param)
+        self.status = status
+
+
+def list_vectors(engine) -> list[dict]:
+    """Name, bank row, layers, sha256, method, concept and path of each vector of `engine` (an
+    `LLM`, `LLMEngine` or `AsyncLLM`)."""
+    registry = _registry(engine)
+    if registry.config is None:
+        return []
+    listing = []
+    for name, spec in registry.config.vectors.items():
+        info = _describe(spec)
+        listing.append({"name": name, "row": registry.rows[name], **info})
+    return listing
+
+
+def add_vector(llm, name: str, path: str | Path) -> dict:
+    """Load the vector file `path` into `llm` (an `LLM` or `LLMEngine`) as `name`; returns its
+    listing entry."""
+    registry, spec, row = _prepare_add(llm, name, path)
+    try:
+        _engine(llm).collective_rpc("steer_batch_add_vector", args=(name, spec.path, spec.sha256, row))
+    except BaseException:
+        _release(registry, name)
+        raise
+    return _commit_add(registry, name, spec, row)
+
+
+async def add_vector_async(engine_client, name: str, path: str | Path) -> dict:
+    """`add_vector` for an `AsyncLLM` (the OpenAI-compatible server's engine client)."""
+    registry, spec, row = _prepare_add(engine_client, name, path)
+    try:
+        await engine_client.collective_rpc("steer_batch_add_vector", args=(name, spec.path, spec.sha256, row))
+    except BaseException:
+        _release(registry, name)
+        raise
+    return _commit_add(registry, name, spec, row)
+
+
+def remove_vector(llm, name: str) -> None:
+    """Remove the vector `name` from `llm`: refused (409) while a request uses it."""
+    registry, spec = _withdraw(llm, name)
+    if _users(llm, registry, name, settled=True):
+        _restore(registry, name, spec)
+        raise RuntimeVectorError(
+            f"vector {name!r} is used by a request not yet finished; remove it once it is", 409, "name"
+        )
+    _engine(llm).collective_rpc("steer_batch_remove_vector", args=(name,))
+    _release(registry, name)
+
+
+async def remove_vector_async(engine_client, name: str, wait: float = WAIT_SECONDS) -> None:
+    """`remove_vector` for an `AsyncLLM`: new requests naming it are refused at once, and the
+    removal waits up to `wait` seconds for the requests already using it to finish (409 after)."""
+    registry, spec = _withdraw(engine_client, name)
+    deadline = time.monotonic() + wait
+    while _users(engine_client, registry, name, settled=False):
+        if time.monotonic() > deadline:
+            _restore(registry, name, spec)
+            raise RuntimeVectorError(
+                f"vector {name!r} is still used by requests after {wait:g} s; remove it once they finish", 409, "name"
+            )
+        await asyncio.sleep(0.05)
+    await engine_client.collective_rpc("steer_batch_remove_vector", args=(name,))
+    _release(registry, name)
+
+
+def _engine(engine):
+    """The object holding the processors: an LLM's LLMEngine, or the engine itself."""
+    return getattr(engine, "llm_engine", engine)
+
+
+def _registry(engine) -> Registry:
+    return Registry.of(_engine(engine).input_processor)
+
+
+def _describe(spec: VectorSpec) -> dict:
+    try:
+        vector = SteeringVector.load(spec.path)
+    except SteerBatchError:  # the file changed or went away since it was loaded: list what is known
+        return {
+            "layers": list(spec.layers or ()),
+            "sha256": spec.sha256,
+            "method": "",
+            "concept": "",
+            "path": spec.path,
+        }
+    return {
+        "layers": vector.layers,
+        "sha256": spec.sha256,
+        "method": vector.method,
+        "concept": vector.concept,
+        "path": spec.path,
+    }
+
+
+def _prepare_add(engine, name: str, path: str | Path) -> tuple[Registry, VectorSpec, int]:
+    """Validate an addition and reserve its name and bank row."""
+    registry = _registry(engine)
+    with registry.lock:
+        spec, row = _check_add(engine, registry, name, path)
+        registry.rows[name] = row  # reserved: no other addition takes the name or the row
+    return registry, spec, row
+
+
+def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple[VectorSpec, int]:
+    config = registry.config
+    if config is None or not config.runtime_vectors:
+        raise RuntimeVectorError(
+            "this engine was started without runtime vectors; start it with "
+            'additional_config={"steering": {"runtime_vectors": "/dir/of/vectors"}} '
+            "(steer-batch serve --allow-runtime-vectors DIR)",
+            403,
+        )
+    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name:
+        raise RuntimeVectorError(f"name={name!r}: a vector name is a non-empty string without '/'", 400, "name")
+    resolved = Path(path).expanduser().resolve()
+    if isinstance(config.runtime_vectors, str):
+        allowed = Path(config.runtime_vectors).expanduser().resolve()
+        if not resolved.is_relative_to(allowed):
+            raise RuntimeVectorError(
+                f"path={str(path)!r} resolves to {resolved}, outside {allowed}, the only directory this engine loads "
+                "runtime vectors from",
+                403,
+                "path",
+            )
+    sha = file_sha256(resolved) if resolved.is_file() else None
+    if name in registry.rows and name not in config.vectors:
+        raise RuntimeVectorError(f"vector {name!r} is being added by another request", 409, "name")
+    if name in config.vectors:
+        if config.vectors[name].sha256 == sha:
+            raise RuntimeVectorError(f"vector {name!r} is already loaded from this file", 409, "name")
+        raise RuntimeVectorError(
+            f"vector {name!r} is already loaded (from {config.vectors[name].path}); remove it first "
+            f"(DELETE /v1/steering/vectors/{name})",
+            409,
+            "name",
+        )
+    free = sorted(set(range(config.max_vectors)) - set(registry.rows.values()))
+    if not free:
+        raise RuntimeVectorError(
+            f"all {config.max_vectors} bank rows are in use (the engine's max_vectors); remove a vector first",
+            409,
+        )
+    hf = _engine(engine).input_processor.vllm_config.model_config.hf_text_config
+    try:
+        vector = SteeringVector.load_for_model(name, resolved, hf.hidden_size, hf.num_hidden_layers)
+    except SteerBatchError as e:
+        raise RuntimeVectorError(str(e), 400, "path") from None
+    outside = sorted(set(vector.layers) - set(config.layers))
+    if outside:
+        raise RuntimeVectorError(
+            f"vector {name!r} steers layers {outside}, which this engine does not steer (its layers: "
+            f'{list(config.layers)}); start it with more "layers"',
+            400,
+            "path",
+        )
+    return VectorSpec(str(resolved), sha, tuple(vector.layers)), free[0]
+
+
+def _commit_add(registry: Registry, name: str, spec: VectorSpec, row: int) -> dict:
+    """The workers hold the vector: requests may name it from now on."""
+    with registry.lock:
+        registry.config = dataclasses.replace(registry.config, vectors={**registry.config.vectors, name: spec})
+    return {"name": name, "row": row, **_describe(spec)}
+
+
+def _withdraw(engine, name: str) -> tuple[Registry, VectorSpec]:
+    """Take `name` out of what requests may use, so that no new request names it."""
+    registry = _registry(engine)
+    with registry.lock:
+        config = registry.config
+        if config is None or not config.runtime_vectors:
+            raise RuntimeVectorError("this engine was started without runtime vectors: its vectors are fixed", 403)
+        if name not in config.vectors:
+            raise RuntimeVectorError(f"no vector {name!r}; this engine has {config.names}", 404, "name")
+        registry.config = dataclasses.replace(config, vectors={k: v for k, v in config.vectors.items() if k != name})
+    return registry, config.vectors[name]
+
+
+def _users(engine, registry: Registry, name: str, settled: bool) -> list[str]:
+    running = {state.external_req_id for state in _engine(engine).output_processor.request_states.values()}
+    with registry.lock:
+        return registry.users(name, running, settled)
+
+
+def _restore(registry: Registry, name: str, spec: VectorSpec) -> None:
+    with registry.lock:
+        registry.config = dataclasses.replace(registry.config, vectors={**registry.config.vectors, name: spec})
+
+
+def _release(registry: Registry, name: str) -> None:
+    """Free the bank row of `name` (removed, or an addition that failed)."""
+    with registry.lock:
+        registry.rows.pop(name, None)

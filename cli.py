@@ -80,6 +80,20 @@ def version() -> None:
             pass
 
 
+def _parallel(f):
+    """vLLM's parallelism inside the one engine (README, Scaling out)."""
+    f = click.option(
+        "--pipeline-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="vLLM pipeline stages."
+    )(f)
+    return click.option(
+        "--tensor-parallel-size",
+        default=1,
+        show_default=True,
+        type=click.IntRange(1),
+        help="vLLM tensor-parallel ranks.",
+    )(f)
+
+
 _model_option = click.option(
     "--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."
 )
@@ -112,8 +126,21 @@ _model_option = click.option(
 @click.option(
     "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Vector file to write (.safetensors)."
 )
+@_parallel
 @_verbose
-def extract(model, positive, negative, template, suffixes, layers, method, capture, out):
+def extract(
+    model,
+    positive,
+    negative,
+    template,
+    suffixes,
+    layers,
+    method,
+    capture,
+    out,
+    tensor_parallel_size,
+    pipeline_parallel_size,
+):
     """Extract a contrastive steering vector (positive minus negative persona)."""
     from steer_batch.jobs.extract import extract_file
 
@@ -127,6 +154,8 @@ def extract(model, positive, negative, template, suffixes, layers, method, captu
         layers=layers,
         method=method,
         capture=capture,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
     )
     diags = json.loads(vector.metadata["diagnostics"])
     click.echo(f"{vector.method}: {vector.metadata['reference']}", err=True)
@@ -212,10 +241,11 @@ def convert(source, target, drop_layer_0):
     "--eval/--no-eval", "evaluate", default=True, show_default=True, help="Classify and report after generating."
 )
 @click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
+@_parallel
 @_verbose
 def run(
     model, vectors, alphas, op, scope, prompts, max_tokens, temperature, top_p, seed, out, resume, classifier, evaluate,
-    enforce_eager,
+    enforce_eager, tensor_parallel_size, pipeline_parallel_size,
 ):  # fmt: skip
     """Generate from every prompt with every vector at every alpha in one engine, then classify and report."""
     from steer_batch.jobs.run import Sampling, parse_alphas, parse_vectors, saved_run
@@ -234,7 +264,8 @@ def run(
             prompts=prompts,
             sampling=Sampling(max_tokens, temperature, top_p, seed),
         )
-    result = run_job(**args, classifier=classifier, evaluate=evaluate, enforce_eager=enforce_eager)
+    parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+    result = run_job(**args, classifier=classifier, evaluate=evaluate, enforce_eager=enforce_eager, **parallel)
     out = result.out
     click.echo(f"run folder   {out}", err=True)
     click.echo(f"generations  {out / 'generations.arrow'} ({result.manifest['rows']} rows)", err=True)

@@ -25,15 +25,26 @@ def capture_last_token_states(model_dir: Path, prompts: list[str], layers: list[
     )
     try:
         outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))  # progress bar on stderr
-        taken = llm.collective_rpc("steer_batch_take_captures")[0]
+        taken = llm.collective_rpc("steer_batch_take_captures")
     finally:
         close_llm(llm)
-    rows = np.frombuffer(taken["data"], dtype=np.float32).reshape(taken["shape"])
+    return merge_captures(taken, [o.request_id for o in outs], list(layers))
+
+
+def merge_captures(taken: list[dict], request_ids: list[str], layers: list[int]) -> np.ndarray:
+    """[requests, layers, hidden] from every worker's `steer_batch_take_captures`: a pipeline
+    stage holds its own layers, tensor-parallel ranks hold the same rows (the first counts)."""
     # The workers see vLLM's internal request ids: the caller's id plus "-" and 8 random characters.
-    by_external = {rid.rsplit("-", 1)[0]: row for rid, row in zip(taken["ids"], rows)}
-    missing = [o.request_id for o in outs if o.request_id not in by_external]
+    found: dict[tuple[str, int], np.ndarray] = {}
+    for worker in taken:
+        rows = np.frombuffer(worker["data"], dtype=np.float32).reshape(worker["shape"])
+        for rid, row in zip(worker["ids"], rows):
+            for layer, state in zip(worker["layers"], row):
+                found.setdefault((rid.rsplit("-", 1)[0], layer), state)
+    missing = [(rid, layer) for rid in request_ids for layer in layers if (rid, layer) not in found]
     if missing:
         raise RuntimeError(
-            f"vLLM returned no hidden states for {len(missing)} of {len(outs)} prompts (first: request {missing[0]})"
+            f"vLLM returned no hidden states for {len(missing)} (request, layer) pairs of {len(request_ids)} prompts "
+            f"(first: request {missing[0][0]}, layer {missing[0][1]})"
         )
-    return np.stack([by_external[o.request_id] for o in outs])
+    return np.stack([np.stack([found[(rid, layer)] for layer in layers]) for rid in request_ids])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from steer_batch.errors import SteeringNotInstalled
+from steer_batch.errors import SteerBatchError, SteeringNotInstalled
 
 PLUGIN_NAME = "steer_batch"  # the entry point's name in pyproject.toml
 WORKER_EXTENSION = "steer_batch.engine.worker.SteeringWorkerExtension"
@@ -31,6 +31,9 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         kwargs = {"dtype": "float32", "gpu_memory_utilization": 0.3, **kwargs}
+        workers = kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1)
+        if workers > 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(workers))
     kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
     if vectors:  # merged into any steering settings passed in additional_config
         steering = kwargs.setdefault("additional_config", {}).setdefault("steering", {})
@@ -46,6 +49,17 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
             close_llm(llm)
             raise
     return llm
+
+
+def cpu_binding(workers: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND giving each of `workers` CPU workers its own share of this
+    process's cores, e.g. "0|1" for 2 workers on 2 cores ("0-3|4-7" on 8)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise SteerBatchError(f"{workers} CPU workers need {workers} cores; this process may use {len(cores)}")
+    share = len(cores) // workers
+    groups = [cores[k * share : (k + 1) * share] for k in range(workers)]
+    return "|".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups)
 
 
 def check_plugin_allowed() -> None:
@@ -67,7 +81,7 @@ def require_steering(llm) -> None:
 
 def check_layouts(layouts: list[dict]) -> None:
     """The check of `require_steering`, on the workers' answers to "steer_batch_layout"."""
-    if not all(any(layout.values()) for layout in layouts):
+    if not all(layout.get("stage") for layout in layouts):  # a stage may steer no layer, but must have steering
         raise SteeringNotInstalled(
             f"steering was asked for but is not installed in the engine (worker layouts: {layouts}); "
             f"check that the {PLUGIN_NAME!r} plugin loads (vLLM's log says 'Failed to load plugin' "

@@ -54,7 +54,7 @@ class SteeringState(nn.Module):
         slots = config.max_vectors_per_request
         self.banks: dict[int, nn.Module] = {}  # steered layer -> the module holding its steer_v, steer_u
         self.capture_layers = capture_layers
-        self.layout: dict[str, list[int]] = {"added": [], "folded": [], "captured": list(capture_layers)}
+        self.layout: dict[str, list[int]] = {"added": [], "folded": [], "captured": list(capture_layers), "stage": []}
         self.capture_rows = torch.zeros(0, dtype=torch.long)
         self.pending: dict[int, torch.Tensor] = {}  # layer -> [len(capture_rows), hidden] float32, cpu
         for name in ("p", "q", "r"):
@@ -193,7 +193,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
             target = norm
             folded.append(i)
         state.attach(i, target, V.to(param.device))
-    state.layout.update(added=[i for i in steered if i not in folded], folded=folded)
+    state.layout.update(added=[i for i in steered if i not in folded], folded=folded, stage=[local.start, local.stop])
     logger.info(
         "steer-batch: steering layers %s with vectors %s; capturing layers %s",
         steered,

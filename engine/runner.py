@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from vllm.distributed import get_pp_group
 from vllm.logger import init_logger
 from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -143,6 +144,13 @@ def _make_filler(runner: GPUModelRunner, scheduler_output) -> StepFiller | None:
     # (engine/hooks.py). The CPU runner zeroes them as they come; the GPU runner only once its
     # zeroer exists, which vLLM builds at start-up for Mamba or mixed-precision caches alone:
     # build it now, and zero this first step's blocks, which its _update_states passed over.
+    # vLLM 0.32 allocates a later pipeline stage's buffer for the activations it receives only
+    # in its warm-up dummy run, which eager CPU engines skip (stock vLLM then fails the first
+    # step with an AssertionError): allocate it as that run does.
+    if runner.intermediate_tensors is None and not get_pp_group().is_first_rank:
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+        )
     if runner.device.type == "cuda" and not hasattr(runner, "_kv_block_zeroer"):
         runner._init_kv_zero_meta()
         if scheduler_output.new_block_ids_to_zero:

@@ -10,7 +10,9 @@ class SteeringWorkerExtension:
 
     def steer_batch_layout(self) -> dict:
         """Where this worker steers: {"added": layers that add after themselves, "folded":
-        layers whose add runs inside the next RMSNorm, "captured": captured layers}."""
+        layers whose add runs inside the next RMSNorm, "captured": captured layers, "stage":
+        [first, end) layers of its pipeline stage}; {} where steering is not installed (a
+        pipeline stage without steered layers still answers with its stage)."""
         state = self._steering()
         return dict(state.layout) if state is not None else {}
 
@@ -33,13 +35,20 @@ class SteeringWorkerExtension:
         state.write(name, state.index[name], None)
 
     def steer_batch_take_captures(self) -> dict:
-        """{"ids": request ids, "shape": [requests, layers, hidden], "data": float32 bytes}: raw
+        """{"ids": request ids, "layers": the captured layers of this worker's pipeline stage,
+        "shape": [requests, layers, hidden], "data": float32 bytes}: raw
         bytes, because vLLM's RPC serializer passes tensors and arrays on in a form that is not
         decoded at the other end."""
         filler = getattr(self.model_runner, "_steer_batch_filler", None)
         if not filler:
-            return {"ids": [], "shape": [0], "data": b""}
+            return {"ids": [], "layers": [], "shape": [0], "data": b""}
         filler.flush_captures()
         taken, filler.captured = filler.captured, {}
         rows = np.stack([t.numpy() for t in taken.values()]) if taken else np.zeros(0, np.float32)
-        return {"ids": list(taken), "shape": list(rows.shape), "data": rows.astype(np.float32).tobytes()}
+        layers = list(filler.state.capture_layers)  # this pipeline stage's captured layers
+        return {
+            "ids": list(taken),
+            "layers": layers,
+            "shape": list(rows.shape),
+            "data": rows.astype(np.float32).tobytes(),
+        }

@@ -83,9 +83,11 @@ def extract(
     method: str = "mean_diff",
     template: str = DEFAULT_TEMPLATE,
     capture: str = "vllm",
+    engine_kwargs: dict | None = None,
 ) -> SteeringVector:
     """A steering vector for `positive` minus `negative`, with hidden states captured inside vLLM
-    (`capture="vllm"`, engine speed on any model vLLM runs) or by the HF reference (`"hf"`)."""
+    (`capture="vllm"`, engine speed on any model vLLM runs; `engine_kwargs` go to its engine, e.g.
+    tensor_parallel_size) or by the HF reference (`"hf"`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     if capture not in CAPTURES:
@@ -98,7 +100,7 @@ def extract(
     if capture == "vllm":
         from steer_batch.engine.capture import capture_last_token_states
 
-        states = capture_last_token_states(model_dir, prompts["p"] + prompts["n"], layers)
+        states = capture_last_token_states(model_dir, prompts["p"] + prompts["n"], layers, **(engine_kwargs or {}))
         p, n = torch.from_numpy(states[: len(suffixes)]), torch.from_numpy(states[len(suffixes) :])
     else:
         from transformers import AutoModelForCausalLM
@@ -130,6 +132,8 @@ def extract_file(
     layers: str | list[int] = "all",
     method: str = "mean_diff",
     capture: str = "vllm",
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
 ) -> SteeringVector:
     """`extract` from the CLI's arguments, written to `out` whole or not at all. model: an HF folder
     or hub id (default: the embedded SmolLM2-135M-Instruct); suffixes: a JSON list of strings (default:
@@ -144,7 +148,8 @@ def extract_file(
     _, suffix_list = read_strings(suffixes, param="suffixes", item="suffix")
     model_dir = resolve_model(model)
     layer_list = parse_layers(layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
-    vector = extract(model_dir, positive, negative, suffix_list, layer_list, method, template, capture)
+    parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
+    vector = extract(model_dir, positive, negative, suffix_list, layer_list, method, template, capture, parallel)
     vector.save(out)
     return vector
 

@@ -262,6 +262,8 @@ def run(
     classifier: str | None = None,
     evaluate: bool = True,
     enforce_eager: bool = False,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
     progress: bool = True,
 ) -> RunResult:
     """Generate from every prompt with every vector at every alpha in one engine, then classify
@@ -271,8 +273,9 @@ def run(
     vector file (default: {"happy": the cached happy - sad vector, extracted on first use}); op
     and scope: the steering op and scope of every request (README, the steering spec); prompts:
     a JSON list of strings (default: the 581 RepE sentence beginnings); out: the run folder
-    (default runs/<model>-<vectors>-a<alphas>). Bad input fails before any engine starts,
-    writing nothing.
+    (default runs/<model>-<vectors>-a<alphas>); tensor_parallel_size, pipeline_parallel_size:
+    vLLM's parallelism inside the one engine. Bad input fails before any engine starts, writing
+    nothing.
     """
     from transformers import AutoConfig
 
@@ -325,7 +328,12 @@ def run(
     )
     prepare_out(out, spec)  # refuses a folder holding another run before any engine starts
     mark = time.perf_counter()
-    manifest = generate(out, spec, prompt_list, {"enforce_eager": enforce_eager}, progress)
+    engine_kwargs = dict(
+        enforce_eager=enforce_eager,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+    )
+    manifest = generate(out, spec, prompt_list, engine_kwargs, progress)
     seconds["generation"] = time.perf_counter() - mark
     used = None
     if evaluate:

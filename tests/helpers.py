@@ -213,6 +213,23 @@ def oracle_greedy(
     return ids[len(prompt) :]
 
 
+def hf_last_token_outputs(model_dir: Path, prompt: list[int], layers: list[int]):
+    """[len(layers), hidden] numpy: each decoder layer's output at the last token, read by forward
+    hooks (so the last layer is the residual stream, not HF's normed hidden_states entry)."""
+    model, got = load_hf(model_dir), {}
+    handles = [
+        decoder_layers(model)[i].register_forward_hook(
+            lambda m, a, out, i=i: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0, -1])
+        )
+        for i in layers
+    ]
+    with torch.no_grad():
+        model(torch.tensor([prompt]))
+    for h in handles:
+        h.remove()
+    return torch.stack([got[i] for i in layers]).numpy()
+
+
 def make_prompts(count: int, seed: int, min_len: int = 5, max_len: int = 40) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(min_len, max_len + 1, (count,), generator=g)

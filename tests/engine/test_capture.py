@@ -3,28 +3,11 @@ layers, last prompt token), under chunked prefill, including the last layer (not
 
 import numpy as np
 import pytest
-import torch
 
-from helpers import load_hf, make_llm, make_model, make_prompts
+from helpers import hf_last_token_outputs, make_llm, make_model, make_prompts
 from steer_batch.engine.capture import capture_last_token_states
 
 LAYERS = [0, 2, 3]
-
-
-def hf_states(model_dir, prompt: list[int]) -> np.ndarray:
-    """[len(LAYERS), hidden]: each layer's output at the last token, read by forward hooks."""
-    model, got = load_hf(model_dir), {}
-    handles = [
-        model.model.layers[i].register_forward_hook(
-            lambda m, a, out, i=i: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0, -1])
-        )
-        for i in LAYERS
-    ]
-    with torch.no_grad():
-        model(torch.tensor([prompt]))
-    for h in handles:
-        h.remove()
-    return torch.stack([got[i] for i in LAYERS]).numpy()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -39,7 +22,7 @@ def test_vllm_capture_equals_hf_reference(family, tmp_path):
         max_model_len=512,
         max_num_batched_tokens=64,
     )
-    want = np.stack([hf_states(model_dir, p) for p in prompts])
+    want = np.stack([hf_last_token_outputs(model_dir, p, LAYERS) for p in prompts])
     assert got.shape == want.shape == (10, len(LAYERS), 128)
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 1e-4 * scale, (

@@ -52,9 +52,9 @@ def test_steering_sits_where_the_mode_says(engine):
     # Vectors a (layers 1, 2) and b (0, 3); fused: every layer's add moves into the next RMSNorm
     # (layer 3's into the final norm), except on Gemma, whose norms are not plain RMSNorm.
     if mode.startswith("fused") and not family.startswith("gemma"):
-        assert layout == {"added": [], "folded": [0, 1, 2, 3], "captured": []}
+        assert layout == {"added": [], "folded": [0, 1, 2, 3], "captured": [], "stage": [0, 4]}
     else:
-        assert layout == {"added": [0, 1, 2, 3], "folded": [], "captured": []}
+        assert layout == {"added": [0, 1, 2, 3], "folded": [], "captured": [], "stage": [0, 4]}
 
 
 def test_mixed_batch_matches_oracle(engine):

@@ -11,6 +11,7 @@ from vllm import SamplingParams
 
 from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
 from steer_batch import steering
+from steer_batch.engine.capture import merge_captures
 
 N_TOKENS = 12
 # a on layers 1-2, b on 0 and 3, c on 1-3: c shares layers with both, so the order of entries matters.
@@ -147,10 +148,8 @@ def _captured(llm, prompts, extra_args):
     llm.collective_rpc("steer_batch_take_captures")  # drop what earlier requests left
     params = [SamplingParams(max_tokens=1, temperature=0.0, extra_args=a) for a in extra_args]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    taken = llm.collective_rpc("steer_batch_take_captures")[0]
-    rows = np.frombuffer(taken["data"], dtype=np.float32).reshape(taken["shape"])
-    by_id = {rid.rsplit("-", 1)[0]: row for rid, row in zip(taken["ids"], rows)}
-    return np.stack([by_id[o.request_id] for o in outs])  # [prompts, layers 1 and 2, hidden]
+    taken = llm.collective_rpc("steer_batch_take_captures")
+    return merge_captures(taken, [o.request_id for o in outs], [1, 2])  # [prompts, layers 1 and 2, hidden]
 
 
 def test_ablate_removes_and_clamp_sets_the_projection(capture_engine):

@@ -241,11 +241,13 @@ def convert(source, target, drop_layer_0):
     "--eval/--no-eval", "evaluate", default=True, show_default=True, help="Classify and report after generating."
 )
 @click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
+@click.option("--ray", "use_ray", is_flag=True, help="Generate through Ray Data LLM across --replicas engines.")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="vLLM engines with --ray.")
 @_parallel
 @_verbose
 def run(
     model, vectors, alphas, op, scope, prompts, max_tokens, temperature, top_p, seed, out, resume, classifier, evaluate,
-    enforce_eager, tensor_parallel_size, pipeline_parallel_size,
+    enforce_eager, tensor_parallel_size, pipeline_parallel_size, use_ray, replicas,
 ):  # fmt: skip
     """Generate from every prompt with every vector at every alpha in one engine, then classify and report."""
     from steer_batch.jobs.run import Sampling, parse_alphas, parse_vectors, saved_run
@@ -265,7 +267,15 @@ def run(
             sampling=Sampling(max_tokens, temperature, top_p, seed),
         )
     parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
-    result = run_job(**args, classifier=classifier, evaluate=evaluate, enforce_eager=enforce_eager, **parallel)
+    result = run_job(
+        **args,
+        classifier=classifier,
+        evaluate=evaluate,
+        enforce_eager=enforce_eager,
+        ray=use_ray,
+        replicas=replicas,
+        **parallel,
+    )
     out = result.out
     click.echo(f"run folder   {out}", err=True)
     click.echo(f"generations  {out / 'generations.arrow'} ({result.manifest['rows']} rows)", err=True)
@@ -341,11 +351,25 @@ def report_command(out):
 @click.option(
     "--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures as JSON."
 )
+@click.option(
+    "--ray", "use_ray", is_flag=True, help="Instead: one run's generation in one engine vs Ray Data, 1 and 2 replicas."
+)
 @_verbose
-def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json_out):
-    """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks."""
-    from steer_batch.jobs.bench import bench
+def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json_out, use_ray):
+    """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks (or, with --ray,
+    the generation step in one engine vs Ray Data LLM replicas)."""
+    from steer_batch.jobs.bench import bench, bench_ray
 
+    if use_ray:
+        seconds = bench_ray(model, num_prompts, max_tokens, eager=eager)
+        base = seconds["one engine"]
+        click.echo(
+            f"model {model or 'default'}  {num_prompts} prompts x 3 alphas x {max_tokens} tokens, start-up included"
+        )
+        click.echo(f"{'generation':<22}{'seconds':>10}{'vs one engine':>16}")
+        for name, value in seconds.items():
+            click.echo(f"{name:<22}{value:>10.1f}{base / value:>16.3f}")
+        return
     results = bench(model, num_prompts, max_tokens, rounds, stock, hf, eager)
     base, stock_base = results["unsteered"], results.get("stock vLLM")
     click.echo(

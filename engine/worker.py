@@ -1,7 +1,16 @@
 """Mixed into vLLM's worker class through its `worker_extension_cls` seam (engine/launch.py sets
-it); called from the front end with `llm.collective_rpc("steer_batch_...")`."""
+it); called from the front end with `llm.collective_rpc("steer_batch_...")`.
+
+Importing this module registers the plugin in the worker's process, so a worker started with
+this extension steers even where vLLM did not load the plugin there (Ray actors on nodes whose
+plugin list differs), and a node without steer-batch installed fails loudly at start-up (vLLM
+cannot import the extension) instead of running unsteered."""
 
 import numpy as np
+
+from steer_batch.engine.plugin import register
+
+register()
 
 
 class SteeringWorkerExtension:

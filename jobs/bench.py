@@ -195,3 +195,49 @@ def bench_extract(model: str | Path | None = None, method: str = "mean_diff") ->
         "seconds": seconds,
         "worst_relative_difference": worst,
     }
+
+
+def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_tokens: int = 24, replicas=(1, 2),
+              eager: bool = False) -> dict[str, float]:  # fmt: skip
+    """Wall seconds of one run's generation (every prompt at alphas -4, 0, 4 with a random vector,
+    engine start-up included): in one engine, then through Ray Data LLM on each number of
+    `replicas`, on the Ray cluster this process joins (a local one by default)."""
+    import json
+
+    from steer_batch.data import sentence_beginnings
+    from steer_batch.engine.config import file_sha256
+    from steer_batch.jobs.models import model_hash, resolve_model
+    from steer_batch.jobs.run import RunSpec, Sampling, generate
+
+    model_dir = resolve_model(model)
+    beginnings = sentence_beginnings()
+    prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        vector = Path(tmp) / "v.safetensors"
+        _random_vector(model_dir).save(vector)
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+        spec = RunSpec(
+            model=str(model_dir),
+            model_hash=model_hash(model_dir),
+            vectors={"v": {"path": str(vector), "sha256": file_sha256(vector)}},
+            alphas=[-4.0, 0.0, 4.0],
+            prompts_file=str(prompts_file),
+            prompts_sha256=file_sha256(prompts_file),
+            num_prompts=num_prompts,
+            sampling=Sampling(max_tokens=max_tokens),
+        )
+        for name, count in [("one engine", None), *((f"Ray, {r} replica{'s' if r > 1 else ''}", r) for r in replicas)]:
+            start = time.perf_counter()
+            generate(
+                Path(tmp) / name.replace(" ", "_").replace(",", ""),
+                spec,
+                prompts,
+                {"enforce_eager": eager},
+                False,
+                count,
+            )
+            seconds[name] = time.perf_counter() - start
+            _log(f"{name}: {seconds[name]:.1f} s")
+    return seconds

@@ -116,10 +116,15 @@ def prepare_out(out: Path, spec: RunSpec) -> dict:
 
 
 def generate(
-    out: Path, spec: RunSpec, prompts: list[str], engine_kwargs: dict | None = None, progress: bool = True
+    out: Path,
+    spec: RunSpec,
+    prompts: list[str],
+    engine_kwargs: dict | None = None,
+    progress: bool = True,
+    replicas: int | None = None,
 ) -> dict:
-    """Generate every missing (prompt, vector, alpha) row into out/generations.arrow; return the
-    manifest."""
+    """Generate every missing (prompt, vector, alpha) row into out/generations.arrow, in one
+    engine, or through Ray Data on `replicas` engines (jobs/ray_data.py); return the manifest."""
     from steer_batch.engine.launch import close_llm, make_llm
 
     manifest = prepare_out(out, spec)
@@ -127,7 +132,11 @@ def generate(
     with writer:
         done_keys = row_keys(done)
         todo = [(p, v, a) for p, v, a in spec.rows if (p, v, _f32(a)) not in done_keys]
-        if todo:
+        if todo and replicas is not None:
+            from steer_batch.jobs.ray_data import generate_ray
+
+            generate_ray(engine_kwargs or {}, spec, todo, prompts, writer, replicas, progress)
+        elif todo:
             paths = {name: v["path"] for name, v in spec.vectors.items()}
             llm = make_llm(spec.model, paths, **(engine_kwargs or {}))
             try:
@@ -264,6 +273,8 @@ def run(
     enforce_eager: bool = False,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    ray: bool = False,
+    replicas: int = 1,
     progress: bool = True,
 ) -> RunResult:
     """Generate from every prompt with every vector at every alpha in one engine, then classify
@@ -274,8 +285,8 @@ def run(
     and scope: the steering op and scope of every request (README, the steering spec); prompts:
     a JSON list of strings (default: the 581 RepE sentence beginnings); out: the run folder
     (default runs/<model>-<vectors>-a<alphas>); tensor_parallel_size, pipeline_parallel_size:
-    vLLM's parallelism inside the one engine. Bad input fails before any engine starts, writing
-    nothing.
+    vLLM's parallelism inside each engine; ray: generate through Ray Data LLM on `replicas`
+    engines (jobs/ray_data.py). Bad input fails before any engine starts, writing nothing.
     """
     from transformers import AutoConfig
 
@@ -333,7 +344,7 @@ def run(
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
     )
-    manifest = generate(out, spec, prompt_list, engine_kwargs, progress)
+    manifest = generate(out, spec, prompt_list, engine_kwargs, progress, replicas if ray else None)
     seconds["generation"] = time.perf_counter() - mark
     used = None
     if evaluate:

@@ -5,14 +5,13 @@ unsteered rows), and a cut run resumes without generating written rows again."""
 import json
 
 import pytest
+import ray
 from click.testing import CliRunner
 
 from helpers import make_run_inputs
 from steer_batch.cli import main
 from steer_batch.eval import runfiles
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
-
-ray = pytest.importorskip("ray", reason="the ray extra installs Ray Data (install-cpu.sh does)")
 
 PROMPTS = ["That game", "I can see", "Hmm, this", "Who is", "Ugh,", "It was my pleasure"]
 

@@ -15,13 +15,12 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 from transformers import AutoTokenizer
 
 from helpers import make_model, make_tokenizer, make_vector, oracle_greedy
 from steer_batch import steering
-
-openai = pytest.importorskip("openai", reason="the test extra installs the official openai client")
 
 KEY = "sk-test-key"
 N_TOKENS = 8

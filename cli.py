@@ -243,11 +243,16 @@ def convert(source, target, drop_layer_0):
 @click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
 @click.option("--ray", "use_ray", is_flag=True, help="Generate through Ray Data LLM across --replicas engines.")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="vLLM engines with --ray.")
+@click.option(
+    "--two-engines",
+    is_flag=True,
+    help="Extract the default vector in its own engine before the generation engine starts (slower; for comparison).",
+)
 @_parallel
 @_verbose
 def run(
     model, vectors, alphas, op, scope, prompts, max_tokens, temperature, top_p, seed, out, resume, classifier, evaluate,
-    enforce_eager, tensor_parallel_size, pipeline_parallel_size, use_ray, replicas,
+    enforce_eager, tensor_parallel_size, pipeline_parallel_size, use_ray, replicas, two_engines,
 ):  # fmt: skip
     """Generate from every prompt with every vector at every alpha in one engine, then classify and report."""
     from steer_batch.jobs.run import Sampling, parse_alphas, parse_vectors, saved_run
@@ -274,6 +279,7 @@ def run(
         enforce_eager=enforce_eager,
         ray=use_ray,
         replicas=replicas,
+        two_engines=two_engines,
         **parallel,
     )
     out = result.out
@@ -389,6 +395,25 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json
                 {"model": model, "num_prompts": num_prompts, "max_tokens": max_tokens, "tok_s": results}, indent=2
             )
         )
+
+
+@main.command("bench-seed")
+@click.option("--alphas", default="-4,0,4", show_default=True)
+@_verbose
+def bench_seed_command(alphas):
+    """The seed job's wall time: default vector not cached (one engine, two engines) and cached;
+    engine start-up with and without vLLM's compile cache."""
+    from steer_batch.jobs.bench import bench_seed
+
+    seconds = bench_seed(alphas)
+    cached = seconds["cached"]
+    click.echo(f"seed job, alphas {alphas}, embedded default model; each in its own process")
+    click.echo(f"{'':<42}{'seconds':>10}{'vs cached':>12}")
+    for name, value in seconds.items():
+        ratio = f"{value / cached:>12.2f}" if not name.startswith("engine") else ""
+        click.echo(f"{name:<42}{value:>10.1f}{ratio}")
+    one, two = seconds["not cached, one engine"], seconds["not cached, two engines"]
+    click.echo(f"one engine vs two engines: {one / two:.2f}x the wall time")
 
 
 @main.command("bench-extract")

@@ -1,6 +1,7 @@
-"""Hidden-state capture through vLLM: prefill-only requests on an eager engine whose chosen
-layers record their residual-stream output at each prompt's last token (engine/model.py), read
-back from the workers through the worker extension (engine/worker.py)."""
+"""Hidden-state capture through vLLM: prefill-only requests on an engine whose chosen layers copy
+their residual-stream output at each prompt's last token into a persistent buffer from inside
+the graph (compiled or eager; engine/model.py), read back from the workers through the worker
+extension (engine/worker.py)."""
 
 from __future__ import annotations
 
@@ -9,26 +10,27 @@ from pathlib import Path
 import numpy as np
 
 
-def capture_last_token_states(model_dir: Path, prompts: list[str], layers: list[int], **engine_kwargs) -> np.ndarray:
+def capture_last_token_states(model_dir: Path, prompts: list, layers: list[int], **engine_kwargs) -> np.ndarray:
     """[len(prompts), len(layers), hidden] float32: each layer's residual-stream output at each
-    prompt's last token, computed by vLLM."""
-    from vllm import SamplingParams
-
+    prompt's last token, computed by a vLLM engine started for it (compiled unless
+    `enforce_eager=True` is passed; other `engine_kwargs` go to make_llm as well)."""
     from steer_batch.engine.launch import close_llm, make_llm
 
-    llm = make_llm(
-        model_dir,
-        enforce_eager=True,
-        enable_prefix_caching=False,
-        additional_config={"steering": {"capture": list(layers)}},
-        **engine_kwargs,
-    )
+    llm = make_llm(model_dir, additional_config={"steering": {"capture": list(layers)}}, **engine_kwargs)
     try:
-        outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))  # progress bar on stderr
-        taken = llm.collective_rpc("steer_batch_take_captures")
+        return capture_states(llm, prompts, layers)
     finally:
         close_llm(llm)
-    return merge_captures(taken, [o.request_id for o in outs], list(layers))
+
+
+def capture_states(llm, prompts: list, layers: list[int]) -> np.ndarray:
+    """`capture_last_token_states` on a running engine that captures `layers` (it may steer and
+    generate as well: prefill-only requests are the captured ones here)."""
+    from vllm import SamplingParams
+
+    llm.collective_rpc("steer_batch_take_captures")  # drop rows other requests left
+    outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))  # progress bar on stderr
+    return merge_captures(llm.collective_rpc("steer_batch_take_captures"), [o.request_id for o in outs], list(layers))
 
 
 def merge_captures(taken: list[dict], request_ids: list[str], layers: list[int]) -> np.ndarray:

@@ -70,8 +70,6 @@ def prepare_engine_config(vllm_config) -> None:
             raise SteerBatchError(
                 f'additional_config["steering"]["{key}"]: layers {bad} are outside 0..{hf.num_hidden_layers - 1}'
             )
-    if config.capture and not model_config.enforce_eager:
-        raise SteerBatchError("capturing hidden states needs an eager engine: start it with enforce_eager=True")
     # The steerable layers, pinned: those listed, all, or the start-up vectors' own.
     layers = config.layers
     if layers == "all" or (layers is None and config.runtime_vectors):

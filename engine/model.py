@@ -42,12 +42,21 @@ class SteeringState(nn.Module):
     h + p v + (q + r (h . u)) u (kernels/steer.py), zero where a slot or token is not steered
     (and for CUDA-graph padding). The runner fills them before each forward (runner.py).
 
-    Capture (eager engines only): before each forward the runner sets `capture_rows`, the flat
-    token index of every prompt that ends in this step; captured layers store their output at
-    those rows in `pending`, which the runner files under the request ids after the step.
+    Capture (eager and compiled): before each forward the runner writes `capture_rows`, the
+    flat token index of every prompt that ends in this step (unused slots 0); each captured layer
+    copies its output at those rows into its own buffer, `captured[layer]` [slots, hidden], from
+    inside the graph (`steer_batch::capture_rows_`; a whole buffer, never a view of a shared one,
+    which torch.compile would copy around), and the runner reads them back after the step.
     """
 
-    def __init__(self, config: SteeringConfig, max_tokens: int, capture_layers: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        config: SteeringConfig,
+        max_tokens: int,
+        hidden: int,
+        max_captures: int,
+        capture_layers: tuple[int, ...] = (),
+    ):
         super().__init__()
         self.config = config  # the engine's, with the vectors added or removed at runtime
         self.index = {name: i for i, name in enumerate(config.vectors)}  # vector name -> bank row
@@ -55,8 +64,11 @@ class SteeringState(nn.Module):
         self.banks: dict[int, nn.Module] = {}  # steered layer -> the module holding its steer_v, steer_u
         self.capture_layers = capture_layers
         self.layout: dict[str, list[int]] = {"added": [], "folded": [], "captured": list(capture_layers), "stage": []}
-        self.capture_rows = torch.zeros(0, dtype=torch.long)
-        self.pending: dict[int, torch.Tensor] = {}  # layer -> [len(capture_rows), hidden] float32, cpu
+        captures = max_captures if capture_layers else 0  # prompts that may end in one step
+        self.register_buffer("capture_rows", torch.zeros(captures, dtype=torch.long), persistent=False)
+        self.captured = {
+            layer: torch.zeros(captures, hidden) for layer in capture_layers
+        }  # moved with the module below
         for name in ("p", "q", "r"):
             self.register_buffer(name, torch.zeros(max_tokens, slots, dtype=torch.float32), persistent=False)
         self.register_buffer("vid", torch.zeros(max_tokens, slots, dtype=torch.int32), persistent=False)
@@ -92,9 +104,11 @@ class SteeringState(nn.Module):
     def inputs(module: nn.Module) -> tuple[torch.Tensor, ...]:
         return module.steer_p, module.steer_q, module.steer_r, module.steer_vid, module.steer_v, module.steer_u
 
-    def capture(self, layer: int, output: torch.Tensor) -> None:
-        if len(self.capture_rows):
-            self.pending[layer] = output[self.capture_rows.to(output.device)].float().cpu()
+    def attach_capture(self, layer: int, module: nn.Module) -> None:
+        """Give the decoder layer `module` its capture buffer and the shared row indices."""
+        module.register_buffer("steer_capture_out", self.captured[layer].to(self.capture_rows.device), persistent=False)
+        module.register_buffer("steer_capture_rows", self.capture_rows, persistent=False)
+        self.captured[layer] = module.steer_capture_out
 
 
 def _unit(V: torch.Tensor) -> torch.Tensor:
@@ -105,15 +119,16 @@ class _SteeredLayer:
     """Mixed into a decoder layer's class; the layer's own forward runs unchanged first."""
 
     steer_v: torch.Tensor | None  # None where the add is folded into the next norm, or the layer only captures
-    steer_capture: tuple[SteeringState, int] | None  # (state, layer index) when this layer is captured
+    steer_capture_out: torch.Tensor | None  # [slots, hidden] when this layer is captured (SteeringState)
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
         if self.steer_v is not None:
             hidden_states = steer_add(hidden_states, residual, *SteeringState.inputs(self))
-        if self.steer_capture is not None:
-            state, layer = self.steer_capture
-            state.capture(layer, hidden_states + residual)  # the layer's residual-stream output
+        if self.steer_capture_out is not None:  # the layer's residual-stream output at the capture rows
+            torch.ops.steer_batch.capture_rows_(
+                self.steer_capture_out, hidden_states + residual, self.steer_capture_rows
+            )
         return hidden_states, residual
 
 
@@ -169,7 +184,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     local = range(decoder.start_layer, decoder.end_layer)  # this pipeline stage's layers
     with torch.device(param.device):
         captured = tuple(i for i in config.capture if i in local)
-        state = SteeringState(config, max_tokens, captured)
+        state = SteeringState(config, max_tokens, hf.hidden_size, sched.max_num_seqs, captured)
     steerable = config.layers if isinstance(config.layers, tuple) else {i for v in vectors.values() for i in v.layers}
     steered = sorted(i for i in steerable if i in local)
     fused = config.steer_op == "fused" and not state.capture_layers  # capture reads the layer's own output
@@ -177,7 +192,10 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     for i in sorted(set(steered) | set(state.capture_layers)):
         layer = decoder.layers[i]
         swap_class(layer, _SteeredLayer)
-        layer.steer_capture = (state, i) if i in state.capture_layers else None
+        if i in state.capture_layers:
+            state.attach_capture(i, layer)
+        else:
+            layer.register_buffer("steer_capture_out", None, persistent=False)
         norm = _consumer_norm(decoder, i) if fused and i in steered else None
         if i not in steered or norm is not None:
             layer.register_buffer("steer_v", None, persistent=False)

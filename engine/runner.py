@@ -31,6 +31,7 @@ class StepFiller:
     def __init__(self, runner: GPUModelRunner, state: SteeringState):
         self.state = state
         self.buffers = {name: self._staging(getattr(state, name)) for name in ("p", "q", "r", "vid")}
+        self.capture_staging = self._staging(state.capture_rows)
         self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan; None: unsteered
         self.unsteered = np.zeros((6, state.p.shape[1]))
         self.filled = 0  # tokens written last step; zeroed again before the next
@@ -66,26 +67,34 @@ class StepFiller:
         return plan
 
     def flush_captures(self) -> None:
-        """File the last step's captured rows under their request ids."""
-        state = self.state
-        for k, rid in enumerate(self.capture_ids):
-            self.captured[rid] = torch.stack([state.pending[layer][k] for layer in state.capture_layers])
+        """File the last step's captured rows under their request ids (after its forward: the
+        copy to the host waits for it)."""
+        if self.capture_ids:
+            k = len(self.capture_ids)
+            rows = torch.stack(
+                [self.state.captured[layer][:k].cpu() for layer in self.state.capture_layers]
+            )  # [layers, requests, hidden]
+            for k, rid in enumerate(self.capture_ids):
+                self.captured[rid] = rows[:, k].clone()
         self.capture_ids = []
-        state.pending = {}
 
     def plan_captures(self, runner: GPUModelRunner, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
         """Flat index of the last prompt token of every request whose prompt ends in this step."""
         rows, ids = [], []
         start = 0
         for r, rid in enumerate(req_ids):
-            prompt_len = len(runner.requests[rid].prompt_token_ids)
+            prompt_len = runner.requests[rid].num_prompt_tokens
             computed = int(runner.input_batch.num_computed_tokens_cpu[r])
             if computed < prompt_len <= computed + num_scheduled_tokens[r]:
                 rows.append(start + prompt_len - 1 - computed)
                 ids.append(rid)
             start += int(num_scheduled_tokens[r])
         self.capture_ids = ids
-        self.state.capture_rows = torch.tensor(rows, dtype=torch.long)
+        staging = self.capture_staging
+        staging.np[:] = 0
+        staging.np[: len(rows)] = rows
+        if staging.cpu is not staging.gpu:
+            staging.copy_to_gpu()
 
     def fill(self, runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
         req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]

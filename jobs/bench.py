@@ -241,3 +241,48 @@ def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_token
             seconds[name] = time.perf_counter() - start
             _log(f"{name}: {seconds[name]:.1f} s")
     return seconds
+
+
+def bench_seed(alphas: str = "-4,0,4") -> dict[str, float]:
+    """Wall seconds of the seed job (`steer-batch run --alphas ...` on the embedded default, each
+    in its own process): the default vector not cached, in one engine and with --two-engines,
+    then cached; and one engine's start-up with an empty vLLM compile cache, then again from it."""
+    import os
+    import subprocess
+
+    from steer_batch.jobs.models import cache_dir, default_model_dir
+
+    models = default_model_dir().parent  # converted once, shared by the fresh caches below
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def job(name: str, cache: str, *flags: str) -> None:
+            (Path(tmp) / cache).mkdir(exist_ok=True)
+            if not (Path(tmp) / cache / "models").exists():
+                (Path(tmp) / cache / "models").symlink_to(models)
+            env = {**os.environ, "STEER_BATCH_CACHE": str(Path(tmp) / cache)}
+            out = Path(tmp) / name.replace(" ", "_").replace(",", "")
+            command = [sys.executable, "-m", "steer_batch.cli", "run", "--alphas", alphas, "--out", str(out), *flags]
+            start = time.perf_counter()
+            subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+            seconds[name] = time.perf_counter() - start
+            _log(f"{name}: {seconds[name]:.1f} s")
+
+        job("not cached, one engine", "a")
+        job("cached", "a")
+        job("not cached, two engines", "b", "--two-engines")
+        vector = next((Path(tmp) / "a" / "vectors").glob("*.safetensors"))
+        script = (
+            "import sys, time; from steer_batch.engine.launch import make_llm, close_llm; "
+            "from steer_batch.jobs.models import default_model_dir; t = time.perf_counter(); "
+            "llm = make_llm(default_model_dir(), {'happy': sys.argv[1]}); "
+            "print(time.perf_counter() - t); close_llm(llm)"
+        )
+        env = {**os.environ, "VLLM_CACHE_ROOT": str(Path(tmp) / "vllm-cache"), "STEER_BATCH_CACHE": str(cache_dir())}
+        for name in ("engine start-up, empty compile cache", "engine start-up, from the compile cache"):
+            done = subprocess.run(
+                [sys.executable, "-c", script, str(vector)], env=env, check=True, capture_output=True, text=True
+            )
+            seconds[name] = float(done.stdout.strip().splitlines()[-1])
+            _log(f"{name}: {seconds[name]:.1f} s")
+    return seconds

@@ -19,10 +19,15 @@ from steer_batch.vectors.prompts import DEFAULT_TEMPLATE, check_template, pair_p
 from steer_batch.vectors.vector import SteeringVector
 
 CAPTURES = ("vllm", "hf")
-# The default vector: the happy - sad mean difference at layers 8-20, divided by 4, so alpha +-4
-# is where the raw difference at +-1 is on SmolLM2: clearly shifted, still readable.
-DEFAULT_LAYERS = "8-20"
+# The default vector: the happy - sad mean difference at layers 8-20 of SmolLM2's 30 (the same
+# share of depth on other models), divided by 4, so alpha +-4 is where the raw difference at +-1
+# is on SmolLM2: clearly shifted, still readable.
 DEFAULT_SCALE = 0.25
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """8-20 of 30 layers; the same share of depth on other models (9-21 of 32, 1-3 of 4)."""
+    return list(range(round(8 * num_layers / 30), round(20 * num_layers / 30) + 1))
 
 
 def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
@@ -84,10 +89,12 @@ def extract(
     template: str = DEFAULT_TEMPLATE,
     capture: str = "vllm",
     engine_kwargs: dict | None = None,
+    llm=None,
 ) -> SteeringVector:
     """A steering vector for `positive` minus `negative`, with hidden states captured inside vLLM
     (`capture="vllm"`, engine speed on any model vLLM runs; `engine_kwargs` go to its engine, e.g.
-    tensor_parallel_size) or by the HF reference (`"hf"`)."""
+    tensor_parallel_size; or `llm`, a running engine that captures `layers`) or by the HF
+    reference (`"hf"`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     if capture not in CAPTURES:
@@ -98,9 +105,13 @@ def extract(
         for side, persona in (("p", positive), ("n", negative))
     }
     if capture == "vllm":
-        from steer_batch.engine.capture import capture_last_token_states
+        from steer_batch.engine.capture import capture_last_token_states, capture_states
 
-        states = capture_last_token_states(model_dir, prompts["p"] + prompts["n"], layers, **(engine_kwargs or {}))
+        both = prompts["p"] + prompts["n"]
+        if llm is not None:
+            states = capture_states(llm, both, layers)
+        else:
+            states = capture_last_token_states(model_dir, both, layers, **(engine_kwargs or {}))
         p, n = torch.from_numpy(states[: len(suffixes)]), torch.from_numpy(states[len(suffixes) :])
     else:
         from transformers import AutoModelForCausalLM
@@ -154,20 +165,36 @@ def extract_file(
     return vector
 
 
-def default_vector(model_dir: Path) -> Path:
-    """The happy - sad vector for `model_dir` (DEFAULT_LAYERS x DEFAULT_SCALE), extracted on
-    first use (581 RepE pairs, captured in vLLM) and cached under the model's hash."""
+def default_vector_path(model_dir: Path) -> Path:
+    """Where the happy - sad vector of `model_dir` is cached (keyed by the model's hash)."""
+    from transformers import AutoConfig
+
+    layers = default_layers(AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    recipe = f"happy-sad-mean_diff-L{layers[0]}-{layers[-1]}-x{DEFAULT_SCALE:g}"
+    key = f"{model_dir.name}-{model_hash(model_dir)[:12]}-{recipe}"
+    return cache_dir() / "vectors" / f"{key}.safetensors"
+
+
+def extract_default(model_dir: Path, llm=None, engine_kwargs: dict | None = None) -> Path:
+    """Extract the happy - sad vector for `model_dir` (default_layers x DEFAULT_SCALE, the 581 RepE
+    pairs captured in vLLM: in `llm`, a running engine that captures those layers, or an engine
+    started for it with `engine_kwargs`), cache it and return its path."""
     import sys
 
     from transformers import AutoConfig
 
-    key = f"{model_dir.name}-{model_hash(model_dir)[:12]}-happy-sad-mean_diff-L{DEFAULT_LAYERS}-x{DEFAULT_SCALE:g}"
-    path = cache_dir() / "vectors" / f"{key}.safetensors"
-    if not path.is_file():
-        print("extracting the happy - sad vector (581 RepE pairs, captured in vLLM)...", file=sys.stderr)
-        _, suffixes = read_strings(None, param="suffixes", item="suffix")
-        layers = parse_layers(DEFAULT_LAYERS, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
-        vector = extract(model_dir, "happy", "sad", suffixes, layers) * DEFAULT_SCALE
-        vector.metadata["scale"] = f"{DEFAULT_SCALE:g} x the raw mean difference"
-        vector.save(path)
+    print("extracting the happy - sad vector (581 RepE pairs, captured in vLLM)...", file=sys.stderr)
+    _, suffixes = read_strings(None, param="suffixes", item="suffix")
+    layers = default_layers(AutoConfig.from_pretrained(model_dir).num_hidden_layers)
+    vector = extract(model_dir, "happy", "sad", suffixes, layers, engine_kwargs=engine_kwargs, llm=llm) * DEFAULT_SCALE
+    vector.metadata["scale"] = f"{DEFAULT_SCALE:g} x the raw mean difference"
+    path = default_vector_path(model_dir)
+    vector.save(path)
     return path
+
+
+def default_vector(model_dir: Path, engine_kwargs: dict | None = None) -> Path:
+    """The cached happy - sad vector for `model_dir`, extracted on first use (by an engine
+    started with `engine_kwargs`)."""
+    path = default_vector_path(model_dir)
+    return path if path.is_file() else extract_default(model_dir, engine_kwargs=engine_kwargs)

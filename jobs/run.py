@@ -65,12 +65,14 @@ class RunSpec:
         index = (prompt_id * len(self.vectors) + list(self.vectors).index(vector)) * len(self.alphas)
         return self.sampling.seed + index + self.alphas.index(alpha)
 
-    def same_run(self, other: dict) -> bool:
+    def same_run(self, other: dict, vectors: bool = True) -> bool:
+        """Whether `other` (a manifest's spec) is this run; `vectors=False` leaves the vectors'
+        files out (checked before the default vector is extracted)."""
         mine = asdict(self)
         sha = {name: v["sha256"] for name, v in self.vectors.items()}
         theirs = {name: v.get("sha256") for name, v in (other.get("vectors") or {}).items()}
         keys = ("model_hash", "alphas", "prompts_sha256", "num_prompts", "sampling", "op", "scope")
-        return sha == theirs and all(mine[k] == other.get(k) for k in keys)
+        return (sha == theirs or not vectors) and all(mine[k] == other.get(k) for k in keys)
 
 
 def _versions() -> dict[str, str]:
@@ -87,13 +89,14 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def prepare_out(out: Path, spec: RunSpec) -> dict:
+def prepare_out(out: Path, spec: RunSpec, check_only: bool = False) -> dict | None:
     """The manifest to run under: a new one, or the existing one when `out` holds the same run.
-    A different run in `out` is an error: nothing is overwritten silently."""
+    A different run in `out` is an error: nothing is overwritten silently. `check_only`: refuse
+    what can be refused before the vectors exist, create nothing."""
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
-        if not spec.same_run(existing["spec"]):
+        if not spec.same_run(existing["spec"], vectors=not check_only):
             raise SteerBatchError(
                 f"{out} holds another run (different model, vectors, alphas, op, scope, prompts or sampling); "
                 "choose another --out, or delete that folder to replace it"
@@ -101,6 +104,8 @@ def prepare_out(out: Path, spec: RunSpec) -> dict:
         return existing
     if out.exists() and any(out.iterdir()):
         raise SteerBatchError(f"{out} exists and is not a steer-batch run folder; choose another --out")
+    if check_only:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "spec": asdict(spec),
@@ -122,9 +127,11 @@ def generate(
     engine_kwargs: dict | None = None,
     progress: bool = True,
     replicas: int | None = None,
+    llm=None,
 ) -> dict:
     """Generate every missing (prompt, vector, alpha) row into out/generations.arrow, in one
-    engine, or through Ray Data on `replicas` engines (jobs/ray_data.py); return the manifest."""
+    engine (`llm`, already steering with the spec's vectors, or one started here), or through
+    Ray Data on `replicas` engines (jobs/ray_data.py); return the manifest."""
     from steer_batch.engine.launch import close_llm, make_llm
 
     manifest = prepare_out(out, spec)
@@ -136,6 +143,8 @@ def generate(
             from steer_batch.jobs.ray_data import generate_ray
 
             generate_ray(engine_kwargs or {}, spec, todo, prompts, writer, replicas, progress)
+        elif todo and llm is not None:
+            _stream(llm, writer, todo, prompts, spec, progress)
         elif todo:
             paths = {name: v["path"] for name, v in spec.vectors.items()}
             llm = make_llm(spec.model, paths, **(engine_kwargs or {}))
@@ -275,6 +284,7 @@ def run(
     pipeline_parallel_size: int = 1,
     ray: bool = False,
     replicas: int = 1,
+    two_engines: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Generate from every prompt with every vector at every alpha in one engine, then classify
@@ -286,14 +296,18 @@ def run(
     a JSON list of strings (default: the 581 RepE sentence beginnings); out: the run folder
     (default runs/<model>-<vectors>-a<alphas>); tensor_parallel_size, pipeline_parallel_size:
     vLLM's parallelism inside each engine; ray: generate through Ray Data LLM on `replicas`
-    engines (jobs/ray_data.py). Bad input fails before any engine starts, writing nothing.
+    engines (jobs/ray_data.py). When the default vector is not cached yet, one compiled engine
+    captures the pairs, gets the vector added at runtime and generates (`two_engines=True`: an
+    extraction engine first, then the generation engine, as before). Bad input fails before any
+    engine starts, writing nothing.
     """
     from transformers import AutoConfig
 
-    from steer_batch.engine.launch import check_plugin_allowed
+    from steer_batch.engine.launch import check_plugin_allowed, close_llm, make_llm
+    from steer_batch.engine.runtime import add_vector
     from steer_batch.eval.classify import classify
     from steer_batch.eval.report import report
-    from steer_batch.jobs.extract import default_vector
+    from steer_batch.jobs.extract import default_layers, default_vector, default_vector_path, extract_default
     from steer_batch.vectors.prompts import read_strings
     from steer_batch.vectors.vector import SteeringVector
 
@@ -318,33 +332,55 @@ def run(
             ) from None
     seconds["set-up"] = time.perf_counter() - start
     label = "_".join(vectors) if vectors else DEFAULT_VECTOR_NAME
-    vectors = {n: Path(p) for n, p in vectors.items()} if vectors else {DEFAULT_VECTOR_NAME: default_vector(model_dir)}
-    seconds["extraction"] = time.perf_counter() - start - seconds["set-up"]
     out = (
         Path(out)
         if out is not None
         else Path("runs") / f"{model_dir.name}-{label}-a{'_'.join(f'{a:g}' for a in alphas)}"
     )
-    spec = RunSpec(
-        model=str(model_dir),
-        model_hash=model_hash(model_dir),
-        vectors={name: {"path": str(path.resolve()), "sha256": file_sha256(path)} for name, path in vectors.items()},
-        alphas=alphas,
-        prompts_file=str(prompts_file),
-        prompts_sha256=file_sha256(prompts_file),
-        num_prompts=len(prompt_list),
-        sampling=sampling,
-        op=op,
-        scope=scope,
-    )
-    prepare_out(out, spec)  # refuses a folder holding another run before any engine starts
-    mark = time.perf_counter()
     engine_kwargs = dict(
         enforce_eager=enforce_eager,
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
     )
-    manifest = generate(out, spec, prompt_list, engine_kwargs, progress, replicas if ray else None)
+
+    def make_spec(vectors: dict[str, Path]) -> RunSpec:
+        return RunSpec(
+            model=str(model_dir),
+            model_hash=model_hash(model_dir),
+            vectors={
+                name: {"path": str(path.resolve()), "sha256": file_sha256(path)} for name, path in vectors.items()
+            },
+            alphas=alphas,
+            prompts_file=str(prompts_file),
+            prompts_sha256=file_sha256(prompts_file),
+            num_prompts=len(prompt_list),
+            sampling=sampling,
+            op=op,
+            scope=scope,
+        )
+
+    llm = None
+    try:
+        if vectors:
+            vectors = {n: Path(p) for n, p in vectors.items()}
+        elif default_vector_path(model_dir).is_file() or ray or two_engines:
+            vectors = {DEFAULT_VECTOR_NAME: default_vector(model_dir, engine_kwargs)}
+        else:
+            # One engine: it captures the pairs, gets the vector added at runtime, then generates.
+            prepare_out(out, make_spec({}), check_only=True)  # refuse a wrong folder before the engine starts
+            layers = default_layers(config.num_hidden_layers)
+            steering_config = {"capture": layers, "runtime_vectors": True, "layers": layers}
+            llm = make_llm(model_dir, additional_config={"steering": steering_config}, **engine_kwargs)
+            vectors = {DEFAULT_VECTOR_NAME: extract_default(model_dir, llm)}
+            add_vector(llm, DEFAULT_VECTOR_NAME, vectors[DEFAULT_VECTOR_NAME])
+        seconds["extraction"] = time.perf_counter() - start - seconds["set-up"]
+        spec = make_spec(vectors)
+        prepare_out(out, spec)  # refuses a folder holding another run before any engine starts
+        mark = time.perf_counter()
+        manifest = generate(out, spec, prompt_list, engine_kwargs, progress, replicas if ray else None, llm)
+    finally:
+        if llm is not None:
+            close_llm(llm)
     seconds["generation"] = time.perf_counter() - mark
     used = None
     if evaluate:

@@ -1,6 +1,7 @@
-"""The fused steering op as a torch custom op (`torch.ops.steer_batch.fused_add_rms_norm_steer`)
-with a fake implementation, so torch.compile and CUDA graphs treat it as one opaque node: the
-torch implementation on CPU, the Triton kernel on CUDA. Arguments as kernels/steer.py."""
+"""The steering ops as torch custom ops, with fake implementations, so torch.compile and CUDA
+graphs treat each as one opaque node: `fused_add_rms_norm_steer` (the torch implementation on
+CPU, the Triton kernel on CUDA; arguments as kernels/steer.py) and `capture_rows_`, which copies
+chosen token rows of a layer's output into a persistent buffer from inside a compiled graph."""
 
 import torch
 
@@ -33,3 +34,15 @@ def _(x, residual, weight, eps, p, q, r, vid, V, U):
 @fused_add_rms_norm_steer.register_fake
 def _(x, residual, weight, eps, p, q, r, vid, V, U):
     return torch.empty_like(x), torch.empty_like(residual)
+
+
+@torch.library.custom_op("steer_batch::capture_rows_", mutates_args=("out",))
+def capture_rows_(out: torch.Tensor, h: torch.Tensor, rows: torch.Tensor) -> None:
+    """out[k] = h[rows[k]] for every k: out [slots, hidden] float32, rows [slots] int64 token
+    indices (unused slots point at row 0 and are ignored by the reader)."""
+    out.copy_(h.index_select(0, rows).float())
+
+
+@capture_rows_.register_fake
+def _(out, h, rows):
+    return None

@@ -262,10 +262,12 @@ def test_model_runner_v2_is_switched_off_or_refused(monkeypatch):
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
 
 
-def _config_hash(model_dir, vectors):
+def _config_hash(model_dir, vectors, **steering):
     from vllm.engine.arg_utils import EngineArgs
 
-    extra = {"additional_config": {"steering": {"vectors": {k: str(v) for k, v in vectors.items()}}}} if vectors else {}
+    if vectors:
+        steering["vectors"] = {k: str(v) for k, v in vectors.items()}
+    extra = {"additional_config": {"steering": steering}} if steering else {}
     args = EngineArgs(model=str(model_dir), skip_tokenizer_init=True, dtype="float32", **extra)
     return args.create_engine_config().compute_hash()
 
@@ -278,6 +280,16 @@ def test_compile_cache_key_follows_the_steered_layers(setup, tmp_path):
     make_vector(model_dir, [1, 2], seed=1).save(path)
     first = _config_hash(model_dir, {"v": path})
     assert _config_hash(model_dir, {"v": path}) == first
+    # Every other setting that shapes the graph changes the key too.
+    others = [
+        _config_hash(model_dir, {"v": path}, steer_op="fused"),
+        _config_hash(model_dir, {"v": path}, max_vectors_per_request=2),
+        _config_hash(model_dir, {"v": path}, max_vectors=4),
+        _config_hash(model_dir, {"v": path}, capture=[3]),
+        _config_hash(model_dir, None, runtime_vectors=True),
+        _config_hash(model_dir, None, runtime_vectors=True, layers=[1, 2]),
+    ]
+    assert len({first, *others}) == 1 + len(others)
     make_vector(model_dir, [0, 3], seed=1).save(path)
     assert _config_hash(model_dir, {"v": path}) != first
     assert _config_hash(model_dir, None) != first

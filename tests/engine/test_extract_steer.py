@@ -40,7 +40,9 @@ def test_extracted_vector_steers_generation_along_itself(tmp_path):
     suffixes = make_prompts(40, seed=12, min_len=3, max_len=12)
     prompts = [{"prompt_token_ids": block + s} for block in (pos_block, neg_block) for s in suffixes]
     states = torch.from_numpy(
-        capture_last_token_states(model_dir, prompts, [STEER, READ], skip_tokenizer_init=True, max_model_len=512)
+        capture_last_token_states(
+            model_dir, prompts, [STEER, READ], skip_tokenizer_init=True, max_model_len=512, enforce_eager=True
+        )
     )
     p, n = states[: len(suffixes)], states[len(suffixes) :]
     vector = build_vector(p, n, [STEER, READ], 4, "mean_diff", model=str(model_dir), concept="pos - neg")

@@ -120,6 +120,7 @@ def test_capture_equals_the_hf_reference(setup, kind):
         skip_tokenizer_init=True,
         max_model_len=512,
         max_num_batched_tokens=64,
+        enforce_eager=True,
         **_parallel(kind),
     )
     want = np.stack([hf_last_token_outputs(model_dir, p, layers) for p in prompts])

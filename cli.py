@@ -6,6 +6,7 @@ ends in a one-line error, never a traceback; vLLM logs only its warnings and err
 import json
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import click
@@ -14,6 +15,7 @@ import steer_batch
 from steer_batch.engine.config import OPS, SCOPES
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.classify import CLASSIFIERS
+from steer_batch.jobs.calibrate import DEFAULT_ALPHAS, DEFAULT_MAX_NLL_INCREASE, DEFAULT_SAMPLE, TARGETS
 from steer_batch.jobs.extract import CAPTURES
 from steer_batch.vectors.methods import METHODS
 from steer_batch.vectors.prompts import DEFAULT_TEMPLATE
@@ -200,7 +202,19 @@ def convert(source, target, drop_layer_0):
     help="A steering vector, NAME=FILE or FILE (named by its stem); repeat for several, each run at every alpha "
     "(default: happy = a cached happy - sad vector for the model).",
 )
-@click.option("--alphas", default="-4,0,4", show_default=True, help="Comma-separated steering strengths.")
+@click.option(
+    "--alphas",
+    default="-4,0,4",
+    show_default=True,
+    help="Steering strengths: comma-separated, START:STOP:N ranges, or auto (calibrate first: -a, 0, +a).",
+)
+@click.option(
+    "--max-nll-increase",
+    default=DEFAULT_MAX_NLL_INCREASE,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="With --alphas auto: the coherence budget, nats per token above alpha 0.",
+)
 @click.option(
     "--op", type=click.Choice(OPS), default="add", show_default=True, help="What each request does with its vector."
 )
@@ -251,10 +265,11 @@ def convert(source, target, drop_layer_0):
 @_parallel
 @_verbose
 def run(
-    model, vectors, alphas, op, scope, prompts, max_tokens, temperature, top_p, seed, out, resume, classifier, evaluate,
-    enforce_eager, tensor_parallel_size, pipeline_parallel_size, use_ray, replicas, two_engines,
+    model, vectors, alphas, max_nll_increase, op, scope, prompts, max_tokens, temperature, top_p, seed, out, resume,
+    classifier, evaluate, enforce_eager, tensor_parallel_size, pipeline_parallel_size, use_ray, replicas, two_engines,
 ):  # fmt: skip
     """Generate from every prompt with every vector at every alpha in one engine, then classify and report."""
+    from steer_batch.jobs.calibrate import run_auto
     from steer_batch.jobs.run import Sampling, parse_alphas, parse_vectors, saved_run
     from steer_batch.jobs.run import run as run_job
 
@@ -265,12 +280,15 @@ def run(
             out=out,
             model=model,
             vectors=parse_vectors(vectors) or None,
-            alphas=parse_alphas(alphas),
             op=op,
             scope=scope,
             prompts=prompts,
             sampling=Sampling(max_tokens, temperature, top_p, seed),
         )
+        if alphas == "auto":
+            run_job = partial(run_auto, max_nll_increase=max_nll_increase)
+        else:
+            args["alphas"] = parse_alphas(alphas)
     parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
     result = run_job(
         **args,
@@ -291,6 +309,96 @@ def run(
         click.echo((out / "report.md").read_text())
     times = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items() if k != "total")
     click.echo(f"time: {times}, total {result.seconds['total']:.0f} s", err=True)
+
+
+@main.command()
+@_model_option
+@click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="The steering vector, NAME=FILE or FILE (default: happy = the cached happy - sad vector for the model).",
+)
+@click.option(
+    "--alphas",
+    default=DEFAULT_ALPHAS,
+    show_default=True,
+    help="Comma-separated alphas or START:STOP:N ranges (0 is added).",
+)
+@click.option(
+    "--sample", default=DEFAULT_SAMPLE, show_default=True, type=click.IntRange(1), help="Prompts, evenly spaced."
+)
+@click.option(
+    "--max-nll-increase",
+    default=DEFAULT_MAX_NLL_INCREASE,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Coherence budget: nats per token above alpha 0 under the unsteered model.",
+)
+@click.option("--target", type=click.Choice(TARGETS), default="positive", show_default=True, help="The class to move.")
+@click.option(
+    "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
+)
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON list of prompt strings to sample from (default: the 581 RepE sentence beginnings).",
+)
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Calibration folder (default: runs/<model>-<vector>-calibration). The same command resumes it.",
+)
+@click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
+@_verbose
+def calibrate(
+    model, vectors, alphas, sample, max_nll_increase, target, classifier, prompts, max_tokens, out, enforce_eager
+):
+    """Run a sample of prompts at every alpha in one batch, then report per alpha the effect on the
+    target class and the coherence cost, and recommend the largest alpha on each side within the budget."""
+    from steer_batch.eval.arrow_stream import read_table
+    from steer_batch.jobs.calibrate import calibrate as calibrate_job
+    from steer_batch.jobs.models import resolve_model
+    from steer_batch.jobs.run import DEFAULT_VECTOR_NAME, Sampling, parse_alphas, parse_vectors
+
+    vector = parse_vectors(vectors) or None
+    if out is None:
+        label = next(iter(vector)) if vector else DEFAULT_VECTOR_NAME
+        out = Path("runs") / f"{resolve_model(model).name}-{label}-calibration"
+    result = calibrate_job(
+        out,
+        model=model,
+        vector=vector,
+        alphas=parse_alphas(alphas),
+        sample=sample,
+        max_nll_increase=max_nll_increase,
+        target=target,
+        classifier=classifier,
+        prompts=prompts,
+        sampling=Sampling(max_tokens=max_tokens),
+        enforce_eager=enforce_eager,
+    )
+    table = read_table(out / "calibration.arrow").to_pylist()
+    chosen = result["recommended"]
+    click.echo(f"{'alpha':>7} {'n':>4}  {'effect [95% CI]':<26}{'nll':>7}  {'nll increase [95% CI]':<26}")
+    for r in table:
+        mark = (
+            "  <- " + next(side for side, a in chosen.items() if a == r["alpha"])
+            if r["alpha"] in chosen.values()
+            else ""
+        )
+        effect = f"{r['effect']:+.3f} [{r['effect_lo']:+.3f}, {r['effect_hi']:+.3f}]"
+        cost = f"{r['nll_increase']:+.3f} [{r['nll_increase_lo']:+.3f}, {r['nll_increase_hi']:+.3f}]"
+        click.echo(f"{r['alpha']:>+7g} {r['n']:>4}  {effect:<26}{r['nll']:>7.3f}  {cost:<26}{mark}")
+    click.echo(
+        f"recommended (nll increase <= {max_nll_increase}): negative {chosen['negative']}, "
+        f"positive {chosen['positive']}; toward {target}: {result['toward_target']} side"
+    )
+    click.echo(f"files: {out / 'calibration.arrow'}, {out / 'calibration.json'}, {out / 'calibration.png'}", err=True)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -323,10 +431,10 @@ def serve(ctx, model, vectors, runtime_dir, max_vectors):
     "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
 )
 def classify_command(out, classifier):
-    """Add OUT/sentiment.arrow: class probabilities of every generated text."""
-    from steer_batch.eval.classify import classify
+    """Add OUT/sentiment.arrow: class probabilities and nll (coherence) of every generated text."""
+    from steer_batch.jobs.run import classify_run
 
-    used = classify(out, classifier)
+    used = classify_run(out, classifier)
     click.echo(f"{out / 'sentiment.arrow'} ({used})")
 
 

@@ -12,15 +12,29 @@ import numpy as np
 
 def capture_last_token_states(model_dir: Path, prompts: list, layers: list[int], **engine_kwargs) -> np.ndarray:
     """[len(prompts), len(layers), hidden] float32: each layer's residual-stream output at each
-    prompt's last token, computed by a vLLM engine started for it (compiled unless
-    `enforce_eager=True` is passed; other `engine_kwargs` go to make_llm as well)."""
+    prompt's last token, computed by a vLLM engine started for it (`capture_defaults` under
+    `engine_kwargs`, which go to make_llm)."""
     from steer_batch.engine.launch import close_llm, make_llm
 
-    llm = make_llm(model_dir, additional_config={"steering": {"capture": list(layers)}}, **engine_kwargs)
+    llm = make_llm(
+        model_dir, additional_config={"steering": {"capture": list(layers)}}, **capture_defaults(engine_kwargs)
+    )
     try:
         return capture_states(llm, prompts, layers)
     finally:
         close_llm(llm)
+
+
+def capture_defaults(engine_kwargs: dict) -> dict:
+    """Engine arguments for an engine started to capture, under `engine_kwargs` (which win):
+    eager (a prefill-only job: compiling would cost more start-up than it saves) and, on CPU,
+    32-token KV blocks instead of vLLM's 128: contrastive prompts share a long head (chat
+    template + persona, 32 of SmolLM2's ~41 tokens), and the prefix cache only reuses whole
+    blocks, so with 128 every prompt is computed in full. 32 is the CPU attention's preferred
+    multiple."""
+    from steer_batch.engine.launch import on_cpu
+
+    return {"enforce_eager": True, **({"block_size": 32} if on_cpu() else {}), **engine_kwargs}
 
 
 def capture_states(llm, prompts: list, layers: list[int]) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -93,6 +94,32 @@ def check_layouts(layouts: list[dict]) -> None:
             f"check that the {PLUGIN_NAME!r} plugin loads (vLLM's log says 'Failed to load plugin' "
             "when it does not) and that VLLM_PLUGINS, if set, names it"
         )
+
+
+class SharedEngine:
+    """One engine for several jobs in a row (generation, then the nll pass of classification):
+    `with shared() as llm:` gives `llm` if one is running, else starts one with `start()`, and
+    keeps it for the next; `close()` (or leaving `with SharedEngine(...)`) shuts it down."""
+
+    def __init__(self, start=None, llm=None):
+        self.start, self.llm = start, llm
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.llm is None:
+            self.llm = self.start()
+        yield self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            close_llm(self.llm)
+            self.llm = None
+
+    def __enter__(self) -> SharedEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def close_llm(llm) -> None:

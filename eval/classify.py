@@ -1,4 +1,6 @@
-"""Sentiment of every generated text: OUT/sentiment.arrow with p_negative, p_neutral, p_positive.
+"""Sentiment and coherence of every generated text: OUT/sentiment.arrow with p_negative,
+p_neutral, p_positive and nll (the mean negative log-likelihood per token of the continuation
+under the unsteered model, eval/coherence.py).
 
 Classifiers:
 - `cardiffnlp/twitter-roberta-base-sentiment-latest` (the seed's; the default whenever it loads,
@@ -13,10 +15,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import ExitStack
 from pathlib import Path
+
+from tqdm import tqdm
 
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
+from steer_batch.eval.coherence import mean_nll, token_nlls
 from steer_batch.eval.runfiles import GENERATIONS, KEY, SENTIMENT, SENTIMENT_SCHEMA, require, row_keys
 
 CARDIFF = "cardiffnlp/twitter-roberta-base-sentiment-latest"
@@ -95,22 +102,32 @@ def load_scorer(name: str | None) -> tuple[str, Scorer]:
         return VADER, vader_scorer()
 
 
-def classify(out: Path, classifier: str | None = None, batch: int = 256) -> str:
-    """Score every row of out/generations.arrow not yet in out/sentiment.arrow; returns the
-    classifier used. A run folder is classified by one classifier: another one is refused."""
+def classify(out: Path, engine: Callable[[], ContextManager], classifier: str | None = None, batch: int = 256) -> str:
+    """Score every row of out/generations.arrow not yet in out/sentiment.arrow (class
+    probabilities and nll); returns the classifier used. `engine()` gives the vLLM engine for
+    the nll pass (as a context manager; asked for only when a row has tokens to score). A run
+    folder is classified by one classifier: another one is refused."""
     generations = read_table(require(out, GENERATIONS, f"run `steer-batch run --out {out}`"))
     path = out / SENTIMENT
-    used = set(read_table(path).column("classifier").to_pylist()) if path.exists() else set()
+    existing = read_table(path) if path.exists() else None
+    if existing is not None and "nll" not in existing.column_names:
+        raise SteerBatchError(f"{path} was made by an older steer-batch (no nll); move it away and classify again")
+    used = set(existing.column("classifier").to_pylist()) if existing is not None else set()
     name, scorer = load_scorer(classifier or (next(iter(used)) if used else None))
     if used and used != {name}:
         raise SteerBatchError(f"{path} was made with {sorted(used)}; move it away to classify with {name}")
     writer, done = ArrowStream.open(path, SENTIMENT_SCHEMA, resume=True)
-    with writer:
+    with writer, ExitStack() as stack:
         done_keys = row_keys(done)
-        rows = [r for r in generations.select([*KEY, "text"]).to_pylist() if tuple(r[k] for k in KEY) not in done_keys]
-        for lo in range(0, len(rows), batch):
+        columns = [*KEY, "prompt", "text", "token_ids"]
+        rows = [r for r in generations.select(columns).to_pylist() if tuple(r[k] for k in KEY) not in done_keys]
+        llm = None
+        for lo in tqdm(range(0, len(rows), batch), desc="scoring", unit="batch", file=sys.stderr, disable=not rows):
             chunk = rows[lo : lo + batch]
+            if llm is None and any(r["token_ids"] for r in chunk):
+                llm = stack.enter_context(engine())
             scores = scorer([r["text"] for r in chunk])
+            nlls = token_nlls(llm, [r["prompt"] for r in chunk], [r["token_ids"] for r in chunk])
             writer.write(
                 [
                     {
@@ -119,8 +136,9 @@ def classify(out: Path, classifier: str | None = None, batch: int = 256) -> str:
                         "p_negative": s[0],
                         "p_neutral": s[1],
                         "p_positive": s[2],
+                        "nll": mean_nll(n),
                     }
-                    for r, s in zip(chunk, scores)
+                    for r, s, n in zip(chunk, scores, nlls)
                 ]
             )
     return name

@@ -2,9 +2,10 @@
 section per vector) and OUT/sentiment.png (one panel per vector).
 
 For each vector and alpha: n, the mean of p_negative / p_neutral / p_positive with a 95% bootstrap
-interval (2000 resamples of the texts, fixed seed), and a coherence signal so the cost of
-steering is visible: `repetition`, the share of repeated token bigrams in a text (0 = every
-bigram new, near 1 = one bigram over and over), averaged over texts.
+interval (2000 resamples of the texts, fixed seed), and the cost of steering: `nll`, the mean
+negative log-likelihood per token of the texts under the unsteered model (eval/coherence.py),
+with its interval, over texts with at least one token; and `repetition`, the share of repeated
+token bigrams in a text (0 = every bigram new, near 1 = one bigram over and over), averaged.
 """
 
 from __future__ import annotations
@@ -58,21 +59,27 @@ def summarize(out: Path) -> pa.Table:
                 values = part.column(name).to_numpy().astype(np.float64)
                 row[name] = float(values.mean())
                 row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(values)
+            nll = part.column("nll").to_numpy()
+            nll = nll[np.isfinite(nll)]  # rows without tokens have none
+            row["nll"] = float(nll.mean()) if len(nll) else float("nan")
+            row["nll_lo"], row["nll_hi"] = bootstrap_interval(nll) if len(nll) else (float("nan"),) * 2
             row["repetition"] = float(part.column("repetition").to_numpy().mean())
             rows.append(row)
     return pa.Table.from_pylist(rows)
 
 
 def plot(summary: pa.Table, path: Path, title: str) -> None:
-    """One panel per vector: the mean class probabilities against alpha."""
+    """One column per vector: the mean class probabilities against alpha above, the nll below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     vectors = list(dict.fromkeys(summary.column("vector").to_pylist()))
-    fig, axes = plt.subplots(1, len(vectors), figsize=(6.4 * len(vectors), 4.2), dpi=130, squeeze=False)
-    for ax, vector in zip(axes[0], vectors):
+    fig, axes = plt.subplots(
+        2, len(vectors), figsize=(6.4 * len(vectors), 6.8), dpi=130, squeeze=False, height_ratios=(3, 2), sharex="col"
+    )
+    for ax, low, vector in zip(axes[0], axes[1], vectors):
         part = summary.filter(pc.equal(summary.column("vector"), vector))
         alphas = part.column("alpha").to_numpy()
         for name, color in zip(CLASSES, ("#c0392b", "#7f8c8d", "#27ae60")):
@@ -80,13 +87,20 @@ def plot(summary: pa.Table, path: Path, title: str) -> None:
             lo, hi = part.column(f"{name}_lo").to_numpy(), part.column(f"{name}_hi").to_numpy()
             ax.plot(alphas, mean, marker="o", color=color, label=name.removeprefix("p_"))
             ax.fill_between(alphas, lo, hi, color=color, alpha=0.2)
-        ax.set_xlabel(f"steering alpha ({vector})")
         ax.set_ylabel("mean class probability (95% bootstrap interval)")
         ax.set_ylim(0, 1)
-        ax.set_xticks(alphas)
         ax.set_title(f"{title}\n{vector}", fontsize=8)
         ax.legend()
         ax.grid(alpha=0.3)
+        nll = part.column("nll").to_numpy()
+        low.plot(alphas, nll, marker="o", color="#2c3e50")
+        low.fill_between(
+            alphas, part.column("nll_lo").to_numpy(), part.column("nll_hi").to_numpy(), color="#2c3e50", alpha=0.2
+        )
+        low.set_xlabel(f"steering alpha ({vector})")
+        low.set_ylabel("nll per token, unsteered model")
+        low.set_xticks(alphas)
+        low.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -116,18 +130,19 @@ def report(out: Path) -> pa.Table:
             "",
             f"## {vector}",
             "",
-            "| alpha | n | p_negative | p_neutral | p_positive | repetition |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| alpha | n | p_negative | p_neutral | p_positive | nll | repetition |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in (r for r in rows if r["vector"] == vector):
-            cells = [f"{r[c]:.3f} [{r[c + '_lo']:.3f}, {r[c + '_hi']:.3f}]" for c in CLASSES]
+            cells = [f"{r[c]:.3f} [{r[c + '_lo']:.3f}, {r[c + '_hi']:.3f}]" for c in (*CLASSES, "nll")]
             lines.append(f"| {r['alpha']:+g} | {r['n']} | {' | '.join(cells)} | {r['repetition']:.3f} |")
     plot(summary, out / FIGURE, title)
     lines += [
         "",
         f"![sentiment by alpha]({FIGURE})",
         "",
-        "Means of the class probabilities with 95% bootstrap intervals; repetition = share of repeated token bigrams.",
+        "Means with 95% bootstrap intervals. nll: mean negative log-likelihood per token (nats) of the texts under "
+        "the unsteered model (higher: less coherent); repetition: share of repeated token bigrams.",
     ]
     (out / REPORT).write_text("\n".join(lines) + "\n")
     return summary

@@ -38,6 +38,7 @@ SENTIMENT_SCHEMA = pa.schema(
         ("p_negative", pa.float32()),
         ("p_neutral", pa.float32()),
         ("p_positive", pa.float32()),
+        ("nll", pa.float64()),  # mean negative log-likelihood per token under the unsteered model; NaN: no tokens
     ]
 )
 

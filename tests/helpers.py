@@ -238,7 +238,9 @@ def make_prompts(count: int, seed: int, min_len: int = 5, max_len: int = 40) -> 
 
 def make_llm(model_dir: Path, vectors: dict[str, Path] | None = None, *, eager: bool = True, **kwargs):
     return launch.make_llm(
-        model_dir, vectors, skip_tokenizer_init=True, seed=0, max_model_len=512, enforce_eager=eager, **kwargs
+        model_dir,
+        vectors,
+        **{"skip_tokenizer_init": True, "seed": 0, "max_model_len": 512, "enforce_eager": eager, **kwargs},
     )
 
 

@@ -3,13 +3,15 @@ schema, row counts, the manifest, resume after a simulated kill, refusal to clob
 report's numbers against a recomputation from the Arrow files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from click.testing import CliRunner
 
-from helpers import make_run_inputs
+from helpers import load_hf, make_run_inputs
 from steer_batch.cli import main
 from steer_batch.eval import runfiles
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
@@ -88,8 +90,30 @@ def test_report_numbers_match_a_recomputation(finished):
             assert row["n"] == mask.sum() == len(PROMPTS)
             assert row[name] == pytest.approx(values.mean())
             assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"]
+    # nll: each row's mean negative log-likelihood per token under the unsteered model, here
+    # recomputed with plain transformers from the prompt and the generated token ids.
+    from transformers import AutoTokenizer
+
+    model_dir = json.loads((finished / "manifest.json").read_text())["spec"]["model"]
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), load_hf(Path(model_dir))
+    generations = {(r["prompt_id"], r["alpha"]): r for r in read_table(finished / "generations.arrow").to_pylist()}
+    nll = {}
+    for row in sentiment.to_pylist():
+        generated = generations[(row["prompt_id"], row["alpha"])]
+        ids = tokenizer(generated["prompt"]).input_ids + generated["token_ids"]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1).double()
+        start = len(ids) - len(generated["token_ids"])
+        want = -np.mean([logprobs[i - 1, ids[i]].item() for i in range(start, len(ids))])
+        assert row["nll"] == pytest.approx(want, rel=1e-4)
+        nll.setdefault(row["alpha"], []).append(want)
+    for row in summary:
+        assert row["nll"] == pytest.approx(np.mean(nll[row["alpha"]]), rel=1e-4)
+        assert row["nll_lo"] <= row["nll"] <= row["nll_hi"]
+    assert len({round(r["nll"], 3) for r in summary}) == 3  # steering moved it, so a mix-up would show
     report = (finished / "report.md").read_text()
     assert f"| {summary[0]['alpha']:+g} | 6 | {summary[0]['p_negative']:.3f}" in report
+    assert f"{summary[0]['nll']:.3f} [{summary[0]['nll_lo']:.3f}, {summary[0]['nll_hi']:.3f}]" in report
     assert (finished / "sentiment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -507,21 +507,24 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json
 
 @main.command("bench-seed")
 @click.option("--alphas", default="-4,0,4", show_default=True)
+@click.option(
+    "--keep", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the run folders here."
+)
 @_verbose
-def bench_seed_command(alphas):
+def bench_seed_command(alphas, keep):
     """The seed job's wall time: default vector not cached (one engine, two engines) and cached;
     engine start-up with and without vLLM's compile cache."""
     from steer_batch.jobs.bench import bench_seed
 
-    seconds = bench_seed(alphas)
+    seconds = bench_seed(alphas, keep)
     cached = seconds["cached"]
     click.echo(f"seed job, alphas {alphas}, embedded default model; each in its own process")
     click.echo(f"{'':<42}{'seconds':>10}{'vs cached':>12}")
     for name, value in seconds.items():
         ratio = f"{value / cached:>12.2f}" if not name.startswith("engine") else ""
         click.echo(f"{name:<42}{value:>10.1f}{ratio}")
-    one, two = seconds["not cached, one engine"], seconds["not cached, two engines"]
-    click.echo(f"one engine vs two engines: {one / two:.2f}x the wall time")
+    one, two = seconds["not cached, one engine, empty compile cache"], seconds["not cached, two engines"]
+    click.echo(f"one engine vs two engines, both compiling from an empty cache: {one / two:.2f}x the wall time")
 
 
 @main.command("bench-extract")

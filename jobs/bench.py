@@ -243,11 +243,11 @@ def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_token
     return seconds
 
 
-def bench_seed(alphas: str = "-4,0,4") -> dict[str, float]:
+def bench_seed(alphas: str = "-4,0,4", keep: Path | None = None) -> dict[str, float]:
     """Wall seconds of the seed job (`steer-batch run --alphas ...` on the embedded default, each
     in its own process, caches in a temporary folder): the default vector not cached, with
     --two-engines and in one engine, then cached; and one engine's start-up with an empty vLLM
-    compile cache, then again from it."""
+    compile cache, then again from it. `keep`: a folder for the run folders (default: deleted)."""
     import os
     import subprocess
 
@@ -266,18 +266,20 @@ def bench_seed(alphas: str = "-4,0,4") -> dict[str, float]:
                 "STEER_BATCH_CACHE": str(Path(tmp) / cache),
                 "VLLM_CACHE_ROOT": str(Path(tmp) / "vllm"),
             }
-            out = Path(tmp) / name.replace(" ", "_").replace(",", "")
+            out = (keep or Path(tmp)) / name.replace(" ", "_").replace(",", "")
             command = [sys.executable, "-m", "steer_batch.cli", "run", "--alphas", alphas, "--out", str(out), *flags]
             start = time.perf_counter()
             subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
             seconds[name] = time.perf_counter() - start
             _log(f"{name}: {seconds[name]:.1f} s")
 
-        # One vLLM compile cache, empty at first: each not-cached job compiles its engine's graph
-        # from nothing (their steering configs differ, so neither finds the other's), the cached
-        # job finds the generation graph the two-engine job compiled, as a user's second run would.
+        # One vLLM compile cache, empty at first. The two-engine job compiles its generation graph
+        # (its config names its vector file, so nothing else reuses it); the first one-engine job
+        # compiles the default engine's graph from nothing, as a user's first run does; then, with
+        # that graph cached, the job with the vector not cached (another vector cache) and cached.
         job("not cached, two engines", "b", "--two-engines")
-        job("not cached, one engine", "a")
+        job("not cached, one engine, empty compile cache", "a")
+        job("not cached, one engine", "c")
         job("cached", "a")
         vector = next((Path(tmp) / "a" / "vectors").glob("*.safetensors"))
         script = (

@@ -407,21 +407,31 @@ def run(
             sample=sample,
         )
 
-    with SharedEngine() as shared:  # one engine for generation and classification's nll pass
+    # The default vector runs in an engine whose steering config names no vector file (capture,
+    # runtime vectors, the default layers): the same whether or not the vector is cached, so
+    # vLLM's compile cache serves every later run (a config naming a file compiles anew per file).
+    layers = default_layers(config.num_hidden_layers)
+    default_config = {"steering": {"capture": layers, "runtime_vectors": True, "layers": layers}}
+
+    def default_engine(vector: Path | None):
+        # capture_defaults: 32-token blocks on CPU, so the pairs' shared head comes from the prefix
+        # cache (decode measured the same as with 128: 544.7 vs 537.1 tok/s).
+        llm = make_llm(model_dir, additional_config=default_config, **capture_defaults(engine_kwargs))
+        if vector is not None:
+            add_vector(llm, DEFAULT_VECTOR_NAME, vector)
+        return llm
+
+    one_engine = not vectors and not (ray or two_engines)
+    with SharedEngine() as shared:  # one engine for extraction, generation and classification's nll pass
         if vectors:
             vectors = {n: Path(p) for n, p in vectors.items()}
-        elif default_vector_path(model_dir).is_file() or ray or two_engines:
+        elif not one_engine:
             vectors = {DEFAULT_VECTOR_NAME: default_vector(model_dir, parallel)}  # an eager capture engine
-        else:
-            # One engine: it captures the pairs, gets the vector added at runtime, then generates.
+        elif default_vector_path(model_dir).is_file():
+            vectors = {DEFAULT_VECTOR_NAME: default_vector_path(model_dir)}
+        else:  # one engine captures the pairs, gets the vector added at runtime, then generates
             prepare_out(out, make_spec({}), check_only=True)  # refuse a wrong folder before the engine starts
-            layers = default_layers(config.num_hidden_layers)
-            steering_config = {"capture": layers, "runtime_vectors": True, "layers": layers}
-            # capture_defaults: 32-token blocks on CPU, so the pairs' shared head comes from the prefix
-            # cache (decode measured the same as with 128: 544.7 vs 537.1 tok/s).
-            shared.llm = make_llm(
-                model_dir, additional_config={"steering": steering_config}, **capture_defaults(engine_kwargs)
-            )
+            shared.llm = default_engine(None)
             vectors = {DEFAULT_VECTOR_NAME: extract_default(model_dir, shared.llm)}
             add_vector(shared.llm, DEFAULT_VECTOR_NAME, vectors[DEFAULT_VECTOR_NAME])
         seconds["extraction"] = time.perf_counter() - start - seconds["set-up"]
@@ -430,9 +440,12 @@ def run(
         if calibration is not None:
             manifest["calibration"] = calibration
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        shared.start = (
-            (lambda: scoring_engine(out, engine_kwargs)) if ray else (lambda: steering_engine(spec, engine_kwargs))
-        )
+        if one_engine:
+            shared.start = lambda: default_engine(vectors[DEFAULT_VECTOR_NAME])
+        elif ray:
+            shared.start = lambda: scoring_engine(out, engine_kwargs)
+        else:
+            shared.start = lambda: steering_engine(spec, engine_kwargs)
         mark = time.perf_counter()
         manifest = generate(out, spec, prompt_list, engine_kwargs, progress, replicas if ray else None, shared)
         seconds["generation"] = time.perf_counter() - mark

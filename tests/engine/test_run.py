@@ -269,23 +269,24 @@ def test_several_vectors_with_an_op_and_a_scope(setup, tmp_path):
 def test_one_engine_extracts_and_generates_like_two(setup, tmp_path, monkeypatch):
     """The default vector not cached: one engine captures the 581 RepE pairs, gets the vector at
     runtime and generates; the same rows, token for token, as an extraction engine followed by a
-    generation engine, and the same cached vector."""
+    generation engine, and the same cached vector; and once cached, the same rows again."""
     from steer_batch import SteeringVector
 
     folder, model_dir = setup
     common = ["run", "--model", str(model_dir), "--alphas", "-2,0,2", "--prompts", str(folder / "prompts.json")]
     common += ["--max-tokens", "6", "--no-eval"]  # compiled: the capture runs inside the compiled graph
     runs, vectors = {}, {}
-    for how in ("one", "two"):
-        monkeypatch.setenv("STEER_BATCH_CACHE", str(tmp_path / f"cache-{how}"))
+    # "cached": the vector "one" extracted is cached now; the run adds it to the same kind of engine.
+    for how, cache in (("one", "one"), ("two", "two"), ("cached", "one")):
+        monkeypatch.setenv("STEER_BATCH_CACHE", str(tmp_path / f"cache-{cache}"))
         args = [*common, "--out", str(tmp_path / how), *(["--two-engines"] if how == "two" else [])]
         result = CliRunner().invoke(main, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
         runs[how] = _tokens(read_table(tmp_path / how / "generations.arrow").to_pylist())
-        (cached,) = (tmp_path / f"cache-{how}" / "vectors").glob("*.safetensors")
+        (cached,) = (tmp_path / f"cache-{cache}" / "vectors").glob("*.safetensors")
         vectors[how] = SteeringVector.load(cached)
     assert sorted(runs["one"]) == sorted(runs["two"]) and len(runs["one"]) == 18
-    assert runs["one"] == runs["two"]
+    assert runs["one"] == runs["two"] == runs["cached"]
     assert vectors["one"].layers == vectors["two"].layers == [1, 2, 3]  # the default layers of a 4-layer model
     for i in vectors["one"].layers:
         a, b = vectors["one"].directions[i], vectors["two"].directions[i]

@@ -49,6 +49,7 @@ def summarize(out: Path) -> pa.Table:
         of_vector = joined.filter(pc.equal(joined.column("vector"), vector))
         for alpha in sorted(set(of_vector.column("alpha").to_pylist())):
             part = of_vector.filter(pc.equal(of_vector.column("alpha"), pa.scalar(alpha, pa.float32())))
+            part = part.sort_by("prompt_id")  # the resampling then does not depend on the order rows were written
             row = {
                 "vector": vector,
                 "alpha": alpha,

@@ -96,6 +96,9 @@ def _parallel(f):
     )(f)
 
 
+_classifier_option = click.option(
+    "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
+)
 _model_option = click.option(
     "--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."
 )
@@ -248,9 +251,7 @@ def convert(source, target, drop_layer_0):
     default=None,
     help="Resume the run in this folder with its own settings.",
 )
-@click.option(
-    "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
-)
+@_classifier_option
 @click.option(
     "--eval/--no-eval", "evaluate", default=True, show_default=True, help="Classify and report after generating."
 )
@@ -337,9 +338,7 @@ def run(
     help="Coherence budget: nats per token above alpha 0 under the unsteered model.",
 )
 @click.option("--target", type=click.Choice(TARGETS), default="positive", show_default=True, help="The class to move.")
-@click.option(
-    "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
-)
+@_classifier_option
 @click.option(
     "--prompts",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -427,9 +426,7 @@ def serve(ctx, model, vectors, runtime_dir, max_vectors):
 
 @main.command("classify")
 @click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
-)
+@_classifier_option
 def classify_command(out, classifier):
     """Add OUT/sentiment.arrow: class probabilities and nll (coherence) of every generated text."""
     from steer_batch.jobs.run import classify_run

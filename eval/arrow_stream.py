@@ -90,3 +90,10 @@ class ArrowStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def write_table(path: str | Path, table: pa.Table) -> None:
+    """`table` as one Arrow IPC stream file at `path`, replacing what was there (summaries, not
+    streamed rows: those go through ArrowStream)."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from steer_batch.eval.arrow_stream import read_table
+from steer_batch.eval.arrow_stream import read_table, write_table
 from steer_batch.eval.runfiles import FIGURE, GENERATIONS, KEY, MANIFEST, REPORT, SENTIMENT, SUMMARY, require
 
 CLASSES = ("p_negative", "p_neutral", "p_positive")
@@ -110,8 +110,7 @@ def plot(summary: pa.Table, path: Path, title: str) -> None:
 def report(out: Path) -> pa.Table:
     """Write summary.arrow, report.md and sentiment.png into `out`; return the summary."""
     summary = summarize(out)
-    with pa.OSFile(str(out / SUMMARY), "wb") as sink, pa.ipc.new_stream(sink, summary.schema) as writer:
-        writer.write_table(summary)
+    write_table(out / SUMMARY, summary)
     manifest = json.loads(require(out, MANIFEST, f"run `steer-batch run --out {out}`").read_text())
     spec = manifest["spec"]
     classifier = ",".join(sorted(set(summary.column("classifier").to_pylist())))

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from steer_batch.errors import SteerBatchError
-from steer_batch.eval.arrow_stream import read_table
+from steer_batch.eval.arrow_stream import read_table, write_table
 from steer_batch.eval.report import bootstrap_interval
 from steer_batch.eval.runfiles import SENTIMENT, require
 
@@ -77,8 +77,7 @@ def calibrate(
         **run_kwargs,
     )
     table, chosen = calibration_table(result.out, target, max_nll_increase)
-    with pa.OSFile(str(result.out / CALIBRATION_ARROW), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+    write_table(result.out / CALIBRATION_ARROW, table)
     spec = result.manifest["spec"]
     calibration = {
         "recommended": chosen,

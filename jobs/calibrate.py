@@ -79,14 +79,15 @@ def calibrate(
     table, chosen = calibration_table(result.out, target, max_nll_increase)
     write_table(result.out / CALIBRATION_ARROW, table)
     spec = result.manifest["spec"]
+    name, file = next(iter(spec["vectors"].items()))
     calibration = {
         "recommended": chosen,
         "toward_target": toward_target(table, chosen),
         "target": target,
         "max_nll_increase": max_nll_increase,
-        "vector": next(iter(spec["vectors"].items()))[1] | {"name": next(iter(spec["vectors"]))},
+        "vector": {**file, "name": name},
         "model": spec["model"],
-        "sample": len(set(read_table(result.out / SENTIMENT).column("prompt_id").to_pylist())),
+        "sample": spec["num_prompts"],  # the prompts the run sampled
         "alphas": alphas,
         "classifier": result.classifier,
         "folder": str(result.out),

@@ -96,6 +96,12 @@ def _parallel(f):
     )(f)
 
 
+_eager_option = click.option(
+    "--enforce-eager/--compile",
+    default=None,
+    help="Skip torch.compile, or use it. Default: eager on CPU (on 2 cores compiling costs more start-up "
+    "than it saves: README), compiled on GPU.",
+)
 _classifier_option = click.option(
     "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
 )
@@ -255,7 +261,7 @@ def convert(source, target, drop_layer_0):
 @click.option(
     "--eval/--no-eval", "evaluate", default=True, show_default=True, help="Classify and report after generating."
 )
-@click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
+@_eager_option
 @click.option("--ray", "use_ray", is_flag=True, help="Generate through Ray Data LLM across --replicas engines.")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="vLLM engines with --ray.")
 @click.option(
@@ -352,7 +358,7 @@ def run(
     default=None,
     help="Calibration folder (default: runs/<model>-<vector>-calibration). The same command resumes it.",
 )
-@click.option("--enforce-eager", is_flag=True, help="Skip torch.compile: starts ~30 s sooner, generates slower.")
+@_eager_option
 @_verbose
 def calibrate(
     model, vectors, alphas, sample, max_nll_increase, target, classifier, prompts, max_tokens, out, enforce_eager
@@ -507,21 +513,24 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json
 @click.option(
     "--keep", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep the run folders here."
 )
+@click.option(
+    "--eval/--no-eval", "evaluate", default=True, show_default=True, help="Jobs classify (and score nll) or not."
+)
 @_verbose
-def bench_seed_command(alphas, keep):
-    """The seed job's wall time: default vector not cached (one engine, two engines) and cached;
-    engine start-up with and without vLLM's compile cache."""
-    from steer_batch.jobs.bench import bench_seed
+def bench_seed_command(alphas, keep, evaluate):
+    """The seed job's wall time, default vector not cached: the previous pipeline (two engines,
+    generation compiled), two eager engines, one engine as `run` does it; then cached; and a
+    compiled engine's start-up with and without vLLM's compile cache."""
+    from steer_batch.jobs.bench import CACHED, PREVIOUS, bench_seed
 
-    seconds = bench_seed(alphas, keep)
-    cached = seconds["cached"]
-    click.echo(f"seed job, alphas {alphas}, embedded default model; each in its own process")
-    click.echo(f"{'':<42}{'seconds':>10}{'vs cached':>12}")
+    seconds = bench_seed(alphas, keep, evaluate)
+    what = "" if evaluate else ", --no-eval (generation only)"
+    click.echo(f"seed job, alphas {alphas}, embedded default model{what}; each in its own process")
+    click.echo(f"{'':<42}{'seconds':>10}{'vs previous':>13}{'vs cached':>11}")
     for name, value in seconds.items():
-        ratio = f"{value / cached:>12.2f}" if not name.startswith("engine") else ""
-        click.echo(f"{name:<42}{value:>10.1f}{ratio}")
-    one, two = seconds["not cached, one engine, empty compile cache"], seconds["not cached, two engines"]
-    click.echo(f"one engine vs two engines, both compiling from an empty cache: {one / two:.2f}x the wall time")
+        previous, cached = value / seconds[PREVIOUS], value / seconds[CACHED]
+        ratios = "" if name.startswith("engine") else f"{previous:>13.2f}{cached:>11.2f}"
+        click.echo(f"{name:<42}{value:>10.1f}{ratios}")
 
 
 @main.command("bench-extract")

@@ -62,7 +62,10 @@ class ArrowStream:
             if found is None:
                 raise SteerBatchError(f"{path} is not an Arrow IPC stream; move it away to start afresh")
             if not found.equals(schema):
-                raise SteerBatchError(f"{path} has schema {found}, expected {schema}")
+                raise SteerBatchError(
+                    f"{path} has the columns {found.names}, this steer-batch writes {schema.names}: finish it "
+                    "with the steer-batch that started it, or move it away to start afresh"
+                )
             sink = open(path, "r+b")
             sink.truncate(end)
             sink.seek(end)

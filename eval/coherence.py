@@ -1,7 +1,8 @@
 """Coherence of generated text: the negative log-likelihood (natural log) of each continuation,
 token by token, under the unsteered model, computed by vLLM in one batched prefill pass
 (`prompt_logprobs`) over prompt + continuation tokens. Steered text the model itself finds
-unlikely scores high; the mean per token is the `nll` of a row."""
+unlikely scores high; the mean per token is the `nll` of a row. A row generated without
+steering already has them: its own logprobs (`own_nlls`), requested at generation."""
 
 from __future__ import annotations
 
@@ -29,6 +30,14 @@ def token_nlls(llm, prompts: list[str], continuations: list[list[int]]) -> list[
         # prompt_logprobs[i]: {token: Logprob} for position i, holding the prompt's own token.
         nlls[k] = np.array([-out.prompt_logprobs[i][ids[k][i]].logprob for i in range(start, len(ids[k]))])
     return nlls
+
+
+def own_nlls(completion) -> np.ndarray:
+    """The NLL of every token of a vLLM completion generated with `logprobs=0`, from its own
+    logprobs (vLLM's raw logprobs: the model's, before temperature or top-p), float64. For a
+    request without steering these are `token_nlls` of its tokens, with no second pass."""
+    lps = completion.logprobs
+    return np.array([-lps[i][t].logprob for i, t in enumerate(completion.token_ids)], np.float64)
 
 
 def mean_nll(nlls: np.ndarray) -> float:

@@ -27,6 +27,10 @@ GENERATIONS_SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),
         ("finish_reason", pa.string()),
         ("seed", pa.int64()),
+        # The generated tokens' mean NLL from the generation's own logprobs, kept for rows generated
+        # without steering, whose model is the unsteered one (the coherence nll, eval/coherence.py);
+        # null for steered rows, which classification scores under the unsteered model.
+        ("nll", pa.float64()),
     ]
 )
 SENTIMENT_SCHEMA = pa.schema(

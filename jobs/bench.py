@@ -243,11 +243,18 @@ def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_token
     return seconds
 
 
-def bench_seed(alphas: str = "-4,0,4", keep: Path | None = None) -> dict[str, float]:
+PREVIOUS = "previous: two engines, compiled"
+NOT_CACHED = "not cached, one engine"
+CACHED = "cached"
+
+
+def bench_seed(alphas: str = "-4,0,4", keep: Path | None = None, evaluate: bool = True) -> dict[str, float]:
     """Wall seconds of the seed job (`steer-batch run --alphas ...` on the embedded default, each
-    in its own process, caches in a temporary folder): the default vector not cached, with
-    --two-engines and in one engine, then cached; and one engine's start-up with an empty vLLM
-    compile cache, then again from it. `keep`: a folder for the run folders (default: deleted)."""
+    in its own process, caches in a temporary folder), the default vector not cached: in the
+    previous pipeline (--two-engines --compile), in two eager engines, and as `run` does it now;
+    then cached; and a compiled engine's start-up with an empty vLLM compile cache, then again
+    from it. `keep`: a folder for the run folders (default: deleted); `evaluate=False`: every job
+    with --no-eval (generation only: no classification, no nll pass)."""
     import os
     import subprocess
 
@@ -268,19 +275,20 @@ def bench_seed(alphas: str = "-4,0,4", keep: Path | None = None) -> dict[str, fl
             }
             out = (keep or Path(tmp)) / name.replace(" ", "_").replace(",", "")
             command = [sys.executable, "-m", "steer_batch.cli", "run", "--alphas", alphas, "--out", str(out), *flags]
+            command += [] if evaluate else ["--no-eval"]
             start = time.perf_counter()
             subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
             seconds[name] = time.perf_counter() - start
             _log(f"{name}: {seconds[name]:.1f} s")
 
-        # One vLLM compile cache, empty at first. The two-engine job compiles its generation graph
-        # (its config names its vector file, so nothing else reuses it); the first one-engine job
-        # compiles the default engine's graph from nothing, as a user's first run does; then, with
-        # that graph cached, the job with the vector not cached (another vector cache) and cached.
-        job("not cached, two engines", "b", "--two-engines")
-        job("not cached, one engine, empty compile cache", "a")
-        job("not cached, one engine", "c")
-        job("cached", "a")
+        # One vLLM compile cache, empty at first. The previous pipeline (an extraction engine, then
+        # a compiled generation engine) compiles its graph from nothing, as a first run did; the
+        # same two engines eager; then the default, one engine (eager on CPU), vector not cached
+        # and cached.
+        job(PREVIOUS, "b", "--two-engines", "--compile")
+        job("not cached, two engines, eager", "c", "--two-engines", "--enforce-eager")
+        job(NOT_CACHED, "a")
+        job(CACHED, "a")
         vector = next((Path(tmp) / "a" / "vectors").glob("*.safetensors"))
         script = (
             "import sys, time; from steer_batch.engine.launch import make_llm, close_llm; "

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from steer_batch.engine.config import OPS, SCOPES, file_sha256, steering
+from steer_batch.engine.config import OPS, SCOPES, Entry, file_sha256, steering
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 from steer_batch.eval.runfiles import GENERATIONS, GENERATIONS_SCHEMA, MANIFEST, require, row_keys
@@ -191,6 +191,8 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
     from tqdm import tqdm
     from vllm import SamplingParams
 
+    from steer_batch.eval.coherence import mean_nll, own_nlls
+
     engine = llm.llm_engine
     s = spec.sampling
     meta = {}
@@ -202,6 +204,9 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
             top_p=s.top_p,
             seed=seed,
             extra_args=steering(vector, alpha, spec.op, spec.scope),
+            # An unsteered row's own logprobs (vLLM's raw ones, before temperature and top-p) are
+            # its coherence nll: classification need not score it again (runfiles.GENERATIONS_SCHEMA).
+            logprobs=0 if Entry(vector, alpha, spec.op, spec.scope).no_op else None,
         )
         request_id = str(k)
         engine.add_request(request_id, prompts[pid], params)
@@ -225,6 +230,7 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
                     "num_tokens": len(completion.token_ids),
                     "finish_reason": completion.finish_reason or "",
                     "seed": seed,
+                    "nll": None if completion.logprobs is None else mean_nll(own_nlls(completion)),
                 }
             )
             tokens += len(completion.token_ids)
@@ -324,7 +330,7 @@ def run(
     scope: str = "all",
     classifier: str | None = None,
     evaluate: bool = True,
-    enforce_eager: bool = False,
+    enforce_eager: bool | None = None,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
     ray: bool = False,
@@ -343,16 +349,18 @@ def run(
     a JSON list of strings (default: the 581 RepE sentence beginnings); out: the run folder
     (default runs/<model>-<vectors>-a<alphas>); tensor_parallel_size, pipeline_parallel_size:
     vLLM's parallelism inside each engine; ray: generate through Ray Data LLM on `replicas`
-    engines (jobs/ray_data.py). When the default vector is not cached yet, one compiled engine
-    captures the pairs, gets the vector added at runtime and generates (`two_engines=True`: an
-    extraction engine first, then the generation engine, as before); sample: use an evenly
+    engines (jobs/ray_data.py); enforce_eager: None = eager on CPU, where compiling costs more
+    start-up than a job of this size wins back (README), compiled on GPU. When the default vector
+    is not cached yet, one engine captures the pairs, gets the vector added at runtime and
+    generates (`two_engines=True`: an extraction engine first, then the generation engine, as
+    before); sample: use an evenly
     spaced sample of that many prompts; calibration: what chose the alphas (jobs/calibrate.py),
     recorded in the manifest. Bad input fails before any engine starts, writing nothing.
     """
     from transformers import AutoConfig
 
     from steer_batch.engine.capture import capture_defaults
-    from steer_batch.engine.launch import SharedEngine, check_plugin_allowed, make_llm
+    from steer_batch.engine.launch import SharedEngine, check_plugin_allowed, make_llm, on_cpu
     from steer_batch.engine.runtime import add_vector
     from steer_batch.eval.report import report
     from steer_batch.jobs.extract import default_layers, default_vector, default_vector_path, extract_default
@@ -388,7 +396,7 @@ def run(
         else Path("runs") / f"{model_dir.name}-{label}-a{'_'.join(f'{a:g}' for a in alphas)}"
     )
     parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
-    engine_kwargs = dict(enforce_eager=enforce_eager, **parallel)
+    engine_kwargs = dict(enforce_eager=on_cpu() if enforce_eager is None else enforce_eager, **parallel)
 
     def make_spec(vectors: dict[str, Path]) -> RunSpec:
         return RunSpec(

@@ -67,6 +67,9 @@ def test_generations_schema_rows_and_manifest(setup, finished):
         for n, r in zip(table.column("num_tokens").to_pylist(), table.column("finish_reason").to_pylist())
     )
     assert table.column("prompt").to_pylist()[0] in PROMPTS
+    # Unsteered rows (alpha 0) keep their nll from generation's own logprobs; steered ones leave it to classify.
+    unsteered = [nll is not None for nll in table.column("nll").to_pylist()]
+    assert unsteered == [a == 0 for a in table.column("alpha").to_pylist()]
     manifest = json.loads((finished / "manifest.json").read_text())
     assert manifest["rows"] == manifest["expected_rows"] == 18 and manifest["finished"]
     spec = manifest["spec"]
@@ -111,6 +114,10 @@ def test_report_numbers_match_a_recomputation(finished):
         assert row["nll"] == pytest.approx(np.mean(nll[row["alpha"]]), rel=1e-4)
         assert row["nll_lo"] <= row["nll"] <= row["nll_hi"]
     assert len({round(r["nll"], 3) for r in summary}) == 3  # steering moved it, so a mix-up would show
+    # The alpha-0 rows' nll is the one generation kept (so the check above tested that path too).
+    for row in sentiment.to_pylist():
+        kept = generations[(row["prompt_id"], row["alpha"])]["nll"]
+        assert (kept is None) == (row["alpha"] != 0) and (kept is None or kept == row["nll"])
     report = (finished / "report.md").read_text()
     assert f"| {summary[0]['alpha']:+g} | 6 | {summary[0]['p_negative']:.3f}" in report
     assert f"{summary[0]['nll']:.3f} [{summary[0]['nll_lo']:.3f}, {summary[0]['nll_hi']:.3f}]" in report
@@ -151,6 +158,26 @@ def test_resume_after_a_kill_completes_without_duplicates(setup, finished, tmp_p
     assert _tokens(table.to_pylist()) == _tokens(
         read_table(finished / "generations.arrow").to_pylist()
     )  # greedy: same texts
+
+
+def test_generations_of_an_older_steer_batch_are_classified_and_not_resumed(setup, finished, tmp_path):
+    """A generations.arrow without the nll column (written before it existed): `classify` scores
+    every row (the same nll as the run's own), and `run` refuses to append to it, saying why."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(finished, out)
+    (out / "sentiment.arrow").unlink()
+    old = read_table(out / "generations.arrow").drop_columns(["nll"])
+    with ArrowStream.open(out / "generations.arrow", old.schema)[0] as writer:
+        writer.write(old.to_pylist())
+    result = CliRunner().invoke(main, ["classify", str(out), "--classifier", "vader"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    want = {(r["prompt_id"], r["alpha"]): r["nll"] for r in read_table(finished / "sentiment.arrow").to_pylist()}
+    got = {(r["prompt_id"], r["alpha"]): r["nll"] for r in read_table(out / "sentiment.arrow").to_pylist()}
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], rel=1e-4) for k in want)
+    again = _run(setup, out)
+    assert again.exit_code == 1 and "finish it with the steer-batch that started it" in again.output
 
 
 def test_a_sampled_run_is_reproducible_across_a_resume(setup, finished, tmp_path):
@@ -274,7 +301,7 @@ def test_one_engine_extracts_and_generates_like_two(setup, tmp_path, monkeypatch
 
     folder, model_dir = setup
     common = ["run", "--model", str(model_dir), "--alphas", "-2,0,2", "--prompts", str(folder / "prompts.json")]
-    common += ["--max-tokens", "6", "--no-eval"]  # compiled: the capture runs inside the compiled graph
+    common += ["--max-tokens", "6", "--no-eval", "--compile"]  # the capture runs inside the compiled graph
     runs, vectors = {}, {}
     # "cached": the vector "one" extracted is cached now; the run adds it to the same kind of engine.
     for how, cache in (("one", "one"), ("two", "two"), ("cached", "one")):

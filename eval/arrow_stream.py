@@ -62,8 +62,9 @@ class ArrowStream:
             if found is None:
                 raise SteerBatchError(f"{path} is not an Arrow IPC stream; move it away to start afresh")
             if not found.equals(schema):
+                columns = [[f"{f.name}: {f.type}" for f in s] for s in (found, schema)]
                 raise SteerBatchError(
-                    f"{path} has the columns {found.names}, this steer-batch writes {schema.names}: finish it "
+                    f"{path} has the columns {columns[0]}, this steer-batch writes {columns[1]}: finish it "
                     "with the steer-batch that started it, or move it away to start afresh"
                 )
             sink = open(path, "r+b")

@@ -11,6 +11,7 @@ same work.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 import time
@@ -273,7 +274,7 @@ def bench_seed(alphas: str = "-4,0,4", keep: Path | None = None, evaluate: bool 
                 "STEER_BATCH_CACHE": str(Path(tmp) / cache),
                 "VLLM_CACHE_ROOT": str(Path(tmp) / "vllm"),
             }
-            out = (keep or Path(tmp)) / name.replace(" ", "_").replace(",", "")
+            out = (keep or Path(tmp)) / re.sub(r"[^a-z0-9]+", "_", name)
             command = [sys.executable, "-m", "steer_batch.cli", "run", "--alphas", alphas, "--out", str(out), *flags]
             command += [] if evaluate else ["--no-eval"]
             start = time.perf_counter()

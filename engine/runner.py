@@ -80,18 +80,16 @@ class StepFiller:
 
     def plan_captures(self, runner: GPUModelRunner, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
         """Flat index of the last prompt token of every prefill-only request (max_tokens 1, as
-        capture asks) whose prompt ends in this step. Requests that generate, and scoring
-        requests (those asking for prompt logprobs, eval/coherence.py), are not captured: an
-        engine that captures, generates and scores (`run`'s one engine) would otherwise copy and
-        keep a row for each of them until the engine stops."""
+        capture asks) whose prompt ends in this step. Requests that generate are not captured:
+        an engine that captures and generates (`run`'s one engine) would otherwise copy and keep
+        a row for each of them until the engine stops."""
         rows, ids = [], []
         start = 0
         for r, rid in enumerate(req_ids):
             request = runner.requests[rid]
             prompt_len = request.num_prompt_tokens
             computed = int(runner.input_batch.num_computed_tokens_cpu[r])
-            params = request.sampling_params
-            prefill_only = params is not None and params.max_tokens == 1 and params.prompt_logprobs is None
+            prefill_only = request.sampling_params is not None and request.sampling_params.max_tokens == 1
             if prefill_only and computed < prompt_len <= computed + num_scheduled_tokens[r]:
                 rows.append(start + prompt_len - 1 - computed)
                 ids.append(rid)

@@ -1,9 +1,8 @@
 """Coherence of generated text: the negative log-likelihood (natural log) of each continuation,
-token by token, under the unsteered model, computed by vLLM as a prefill of prompt +
-continuation tokens with `prompt_logprobs` (a scoring request: `scoring_prompt`, `scoring_params`).
-Steered text the model itself finds unlikely scores high; the mean per token is the `nll` of a
-row. A row generated without steering already has them: its own logprobs (`own_nlls`),
-requested at generation."""
+token by token, under the unsteered model, computed by vLLM in one batched prefill pass
+(`prompt_logprobs`) over prompt + continuation tokens. Steered text the model itself finds
+unlikely scores high; the mean per token is the `nll` of a row. A row generated without
+steering already has them: its own logprobs (`own_nlls`), requested at generation."""
 
 from __future__ import annotations
 
@@ -13,39 +12,24 @@ import numpy as np
 def token_nlls(llm, prompts: list[str], continuations: list[list[int]]) -> list[np.ndarray]:
     """For each (prompt text, continuation token ids): the NLL of every continuation token given
     the prompt and the tokens before it, float64 [len(continuation)], from `llm` without steering
-    (requests carry no steering fields, so a steering engine scores like a stock one)."""
+    (requests carry no steering fields, so a steering engine scores like a stock one). The prompt
+    is tokenized as vLLM tokenizes a text prompt (special tokens included)."""
     nlls = [np.zeros(0) for _ in prompts]
     todo = [k for k, c in enumerate(continuations) if c]
     if not todo:  # nothing to score: no engine needed
         return nlls
-    tokenizer = llm.get_tokenizer()
-    params = scoring_params()
-    requests = [scoring_prompt(tokenizer, prompts[k], continuations[k]) for k in todo]
-    for k, out in zip(todo, llm.generate(requests, params, use_tqdm=False)):
-        nlls[k] = continuation_nlls(out, len(continuations[k]))
-    return nlls
-
-
-def scoring_prompt(tokenizer, prompt: str, continuation: list[int]):
-    """The request that scores `continuation` after `prompt`: prompt + continuation token ids,
-    the prompt tokenized as vLLM tokenizes a text prompt (special tokens included)."""
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    return TokensPrompt(prompt_token_ids=tokenizer.encode(prompt) + list(continuation))
-
-
-def scoring_params():
-    """A scoring request's sampling: prefill only, the logprob of every prompt token."""
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-
-
-def continuation_nlls(output, num_tokens: int) -> np.ndarray:
-    """The NLL of the last `num_tokens` prompt tokens of a finished scoring request's output."""
-    ids = output.prompt_token_ids
-    # prompt_logprobs[i]: {token: Logprob} for position i, holding the prompt's own token.
-    return np.array([-output.prompt_logprobs[i][ids[i]].logprob for i in range(len(ids) - num_tokens, len(ids))])
+    tokenizer = llm.get_tokenizer()
+    ids = [tokenizer.encode(p) + list(c) for p, c in zip(prompts, continuations)]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=ids[k]) for k in todo], params, use_tqdm=False)
+    for k, out in zip(todo, outs):
+        start = len(ids[k]) - len(continuations[k])
+        # prompt_logprobs[i]: {token: Logprob} for position i, holding the prompt's own token.
+        nlls[k] = np.array([-out.prompt_logprobs[i][ids[k][i]].logprob for i in range(start, len(ids[k]))])
+    return nlls
 
 
 def own_nlls(completion) -> np.ndarray:

@@ -130,14 +130,11 @@ def generate(
     progress: bool = True,
     replicas: int | None = None,
     engine=None,
-    score: bool = False,
 ) -> dict:
     """Generate every missing (prompt, vector, alpha) row into out/generations.arrow, in one
     engine (`engine()`, a context manager giving one that steers with the spec's vectors, e.g. a
     SharedEngine; default: one started here and stopped after), or through Ray Data on
-    `replicas` engines (jobs/ray_data.py); return the manifest. `score`: every row's nll is
-    scored in the one engine as its generation finishes (Ray rows leave steered ones to
-    classify)."""
+    `replicas` engines (jobs/ray_data.py); return the manifest."""
     from steer_batch.engine.launch import SharedEngine
 
     manifest = prepare_out(out, spec)
@@ -151,7 +148,7 @@ def generate(
             generate_ray(engine_kwargs or {}, spec, todo, prompts, writer, replicas, progress)
         elif todo:
             with SharedEngine(lambda: steering_engine(spec, engine_kwargs)) as own, (engine or own)() as llm:
-                _stream(llm, writer, todo, prompts, spec, progress, score)
+                _stream(llm, writer, todo, prompts, spec, progress)
     rows = len(row_keys(read_table(out / GENERATIONS)))  # what is on disk, after the writer closed
     manifest.update(rows=rows, finished=_now() if rows == manifest["expected_rows"] else None, versions=_versions())
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -190,15 +187,11 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bool, score: bool) -> None:
-    """Generate `todo` in `llm`, writing each row as it is complete. With `score`, a steered row
-    is complete once its nll is: a scoring request (eval/coherence.py) enters the same engine as
-    soon as the row finishes generating, so the scoring prefills share steps with the decoding
-    of the rows still running instead of forming a pass of their own after it."""
+def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bool) -> None:
     from tqdm import tqdm
     from vllm import SamplingParams
 
-    from steer_batch.eval.coherence import continuation_nlls, mean_nll, own_nlls, scoring_params, scoring_prompt
+    from steer_batch.eval.coherence import mean_nll, own_nlls
 
     engine = llm.llm_engine
     s = spec.sampling
@@ -212,27 +205,22 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
             seed=seed,
             extra_args=steering(vector, alpha, spec.op, spec.scope),
             # An unsteered row's own logprobs (vLLM's raw ones, before temperature and top-p) are
-            # its coherence nll: it needs no scoring request (runfiles.GENERATIONS_SCHEMA).
+            # its coherence nll: classification need not score it again (runfiles.GENERATIONS_SCHEMA).
             logprobs=0 if Entry(vector, alpha, spec.op, spec.scope).no_op else None,
         )
         request_id = str(k)
         engine.add_request(request_id, prompts[pid], params)
         meta[request_id] = (pid, vector, alpha, seed)
-    tokenizer, scoring = (llm.get_tokenizer(), scoring_params()) if score else (None, None)
-    unscored: dict[str, dict] = {}  # scoring request id -> its row, written once scored
     pending, last_flush, tokens, start = [], time.monotonic(), 0, time.monotonic()
     bar = tqdm(total=len(todo), unit="req", disable=not progress, file=sys.stderr, desc="generating", mininterval=1.0)
     while engine.has_unfinished_requests():
         for output in engine.step():
             if not output.finished:
                 continue
-            if output.request_id in unscored:
-                row = unscored.pop(output.request_id)
-                row["nll"] = mean_nll(continuation_nlls(output, row["num_tokens"]))
-            else:
-                pid, vector, alpha, seed = meta[output.request_id]
-                completion = output.outputs[0]
-                row = {
+            pid, vector, alpha, seed = meta[output.request_id]
+            completion = output.outputs[0]
+            pending.append(
+                {
                     "prompt_id": pid,
                     "prompt": prompts[pid],
                     "alpha": alpha,
@@ -244,15 +232,8 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
                     "seed": seed,
                     "nll": None if completion.logprobs is None else mean_nll(own_nlls(completion)),
                 }
-                tokens += row["num_tokens"]
-                if score and row["nll"] is None:
-                    if row["token_ids"]:
-                        rid = f"nll-{output.request_id}"
-                        unscored[rid] = row
-                        engine.add_request(rid, scoring_prompt(tokenizer, row["prompt"], row["token_ids"]), scoring)
-                        continue
-                    row["nll"] = float("nan")  # nothing generated, nothing to score (as classify has it)
-            pending.append(row)
+            )
+            tokens += len(completion.token_ids)
             bar.set_postfix_str(f"{tokens / (time.monotonic() - start):.0f} tok/s", refresh=False)
             bar.update(1)
         if pending and time.monotonic() - last_flush >= FLUSH_SECONDS:
@@ -473,9 +454,7 @@ def run(
         else:
             shared.start = lambda: steering_engine(spec, engine_kwargs)
         mark = time.perf_counter()
-        manifest = generate(
-            out, spec, prompt_list, engine_kwargs, progress, replicas if ray else None, shared, score=evaluate
-        )
+        manifest = generate(out, spec, prompt_list, engine_kwargs, progress, replicas if ray else None, shared)
         seconds["generation"] = time.perf_counter() - mark
         used = None
         if evaluate:

@@ -354,7 +354,8 @@ def run(
     is not cached yet, one engine captures the pairs, gets the vector added at runtime and
     generates (`two_engines=True`: an extraction engine first, then the generation engine, as
     before); sample: use an evenly spaced sample of that many prompts; calibration: what chose
-    the alphas (jobs/calibrate.py), recorded in the manifest. Bad input fails before any engine starts, writing nothing.
+    the alphas (jobs/calibrate.py), recorded in the manifest. Bad input fails before any engine
+    starts, writing nothing.
     """
     from transformers import AutoConfig
 

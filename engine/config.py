@@ -91,7 +91,7 @@ class SteeringConfig:
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> SteeringConfig | None:
         """None when the engine was not asked to steer (the plugin then stays inert)."""
-        if not isinstance(additional_config, dict) or CONFIG_KEY not in additional_config:
+        if not asks_steering(additional_config):
             return None
         raw = additional_config[CONFIG_KEY]
         if not isinstance(raw, dict):
@@ -166,6 +166,11 @@ class SteeringConfig:
             "layers": list(self.layers) if isinstance(self.layers, tuple) else self.layers,
             "runtime_vectors": self.runtime_vectors,
         }
+
+
+def asks_steering(additional_config: Any) -> bool:
+    """Whether an engine's additional_config asks for steering (cheap: no validation)."""
+    return isinstance(additional_config, dict) and CONFIG_KEY in additional_config
 
 
 def _check_name(name: Any) -> str:

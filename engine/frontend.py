@@ -6,12 +6,12 @@ engine/hooks.py calls these from its wraps of vLLM."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm import envs
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.v1.engine import FinishReason
@@ -22,11 +22,12 @@ from steer_batch.engine.config import (
     SteeringRequestError,
     SteeringSpec,
     VectorSpec,
+    asks_steering,
     file_sha256,
     parse_request,
 )
 from steer_batch.engine.launch import WORKER_EXTENSION
-from steer_batch.errors import SteerBatchError
+from steer_batch.errors import SteerBatchError, SteeringNotInstalled
 from steer_batch.vectors.vector import SteeringVector
 
 logger = init_logger(__name__)
@@ -98,7 +99,7 @@ def prepare_engine_config(vllm_config) -> None:
         **dataclasses.replace(config, vectors=pinned, steer_op=steer_op, layers=layers).to_dict(),
         "code": _code_hash(),
     }
-    _require_v1_runner(vllm_config)
+    check_engine_modes(vllm_config)
 
 
 def _code_hash() -> str:
@@ -113,18 +114,65 @@ def _code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def _require_v1_runner(vllm_config) -> None:
-    if not vllm_config.use_v2_model_runner:
-        return
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER"):
+# Features for which vLLM's config forces Model Runner V2 whatever the environment says.
+_V2_ONLY = (
+    ("attention_config.hisparse_config", "HiSparse attention"),
+    ("watermark_config", "watermarking"),
+)
+
+
+def choose_model_runner(vllm_config, original) -> bool:
+    """`VllmConfig.use_v2_model_runner` (engine/hooks.py): vLLM's own answer for an engine
+    without steering; False for a steering engine, which fills its buffers in the V1 runner's
+    `_prepare_inputs` (engine/runner.py). Asked while vLLM builds the config, so everything it
+    decides from the answer is decided for V1, and in every process of the engine alike.
+    `check_engine_modes` then refuses what asked for V2."""
+    return original(vllm_config) if not asks_steering(vllm_config.additional_config) else False
+
+
+def check_engine_modes(vllm_config) -> None:
+    """Refuse, naming the setting, the vLLM modes whose batches the per-token steering and
+    capture buffers do not follow (README, GPU): they would steer or capture the wrong tokens."""
+    parallel, sched = vllm_config.parallel_config, vllm_config.scheduler_config
+    if vllm_config.use_v2_model_runner:  # engine/hooks.py decides V1 for every steering engine
+        raise SteeringNotInstalled("a steering engine was configured for Model Runner V2: the runner hook is missing")
+    for path, feature in _V2_ONLY:
+        value = vllm_config
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if value is not None:
+            raise SteerBatchError(
+                f"{feature} ({path}) runs only on vLLM's Model Runner V2, and steering runs on the V1 runner; "
+                f"start this engine without {feature}, or without steering"
+            )
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
         raise SteerBatchError(
-            "steering needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is set; "
-            "unset it or set VLLM_USE_V2_MODEL_RUNNER=0"
+            "VLLM_USE_V2_MODEL_RUNNER=1 asks for vLLM's Model Runner V2, and steering runs on the V1 runner; "
+            "unset it (or set VLLM_USE_V2_MODEL_RUNNER=0) for steering engines"
         )
-    # Child processes (engine core, workers) inherit the environment and so agree on V1.
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    logger.warning("steer-batch: switching to the V1 model runner (steering fills its buffers there)")
-    assert not vllm_config.use_v2_model_runner
+    refused = []
+    if parallel.enable_dbo or parallel.ubatch_size > 1:
+        refused.append(
+            "micro-batching (enable_dbo / ubatch_size: vLLM splits each step into micro-batches, and the steering "
+            "buffers hold one row per token of the whole step)"
+        )
+    if vllm_config.speculative_config is not None:
+        refused.append(
+            "speculative decoding (speculative_config: a draft model would inherit the vectors at the wrong hidden "
+            "size, and rejected drafts move the positions steering_positions counts)"
+        )
+    if parallel.data_parallel_size > 1:
+        refused.append(
+            "data parallelism (data_parallel_size > 1: idle ranks run dummy batches over the steering and capture "
+            "buffers); scale out with Ray Data replicas instead (steer-batch run --ray --replicas N)"
+        )
+    if sched.async_scheduling and parallel.pipeline_parallel_size > 1:
+        refused.append(
+            "async scheduling with pipeline parallelism (async_scheduling=True, pipeline_parallel_size > 1: vLLM's "
+            "V1 runner does not support it); pass --no-async-scheduling (async_scheduling=False)"
+        )
+    if refused:
+        raise SteerBatchError("steering cannot run with " + "; nor with ".join(refused))
 
 
 @dataclass

@@ -11,7 +11,7 @@ not one this module was checked against or a wrapped signature moved. A vLLM who
 moved must stop the engine, never steer wrongly or silently not at all.
 
 Checked against vLLM 0.32.0 (the installed CPU wheel, whose code paths the GPU wheel shares)
-and the source of the vLLM 0.33.0 GPU wheel (the five methods keep 0.32's signatures).
+and the source of the vLLM 0.33.0 GPU wheel (the wrapped methods keep 0.32's signatures).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ class Patch:
         return f"{self.owner.replace(':', '.')}.{self.method}"
 
     def resolve(self) -> tuple[type, Callable]:
+        """(owner class, the original function: a property's getter for a property)."""
         import importlib
 
         module, cls = self.owner.split(":")
         owner = getattr(importlib.import_module(module), cls)
-        return owner, getattr(owner, self.method)
+        original = inspect.getattr_static(owner, self.method)
+        return owner, original.fget if isinstance(original, property) else getattr(owner, self.method)
 
 
 def _create_engine_config(original):
@@ -56,6 +58,25 @@ def _create_engine_config(original):
         return vllm_config
 
     return create_engine_config
+
+
+def _use_v2_model_runner(original):
+    from steer_batch.engine.frontend import choose_model_runner
+
+    def use_v2_model_runner(self):
+        return choose_model_runner(self, original)
+
+    return use_v2_model_runner
+
+
+def _initialize_from_config(original):
+    from steer_batch.engine.runner import build_kv_zeroer
+
+    def initialize_from_config(self, kv_cache_config, *args, **kwargs):
+        original(self, kv_cache_config, *args, **kwargs)
+        build_kv_zeroer(self.model_runner)
+
+    return initialize_from_config
 
 
 def _process_inputs(original):
@@ -73,7 +94,7 @@ def _prepare_inputs(original):
 
     def prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = original(self, scheduler_output, num_scheduled_tokens)
-        fill_step(self, scheduler_output, num_scheduled_tokens)
+        fill_step(self, num_scheduled_tokens)
         return out
 
     return prepare_inputs
@@ -122,6 +143,25 @@ def _process_outputs(original):
 
 
 PATCHES = (
+    Patch(
+        "vllm.config.vllm:VllmConfig",
+        "use_v2_model_runner",
+        ("self",),
+        "decide the V1 model runner for a steering engine wherever vLLM asks, before it takes decisions from the "
+        "answer (async scheduling under pipeline parallelism, CUDA-graph modes) and in every process, without "
+        "touching the process environment (stock engines of the same process keep vLLM's own choice): steering "
+        "fills its buffers in V1's _prepare_inputs, and vLLM has no per-engine runner setting",
+        _use_v2_model_runner,
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_worker:Worker",
+        "initialize_from_config",
+        ("self", "kv_cache_config"),
+        "build the GPU runner's KV-block zeroer when the KV cache is allocated (vLLM builds it here only for Mamba "
+        "or mixed-precision caches), so vLLM's kernel warm-up compiles it at start-up instead of on a user's first "
+        "request, on every rank (the CPU worker inherits this method; the CPU runner zeroes blocks without it)",
+        _initialize_from_config,
+    ),
     Patch(
         "vllm.engine.arg_utils:EngineArgs",
         "create_engine_config",
@@ -201,4 +241,5 @@ def install() -> None:
         check_signature(patch, original, version)
         wrapper = functools.wraps(original)(patch.wrap(original))
         wrapper._steer_batch = True
-        setattr(owner, patch.method, wrapper)
+        is_property = isinstance(inspect.getattr_static(owner, patch.method), property)
+        setattr(owner, patch.method, property(wrapper) if is_property else wrapper)

@@ -66,8 +66,10 @@ class SteeringState(nn.Module):
         self.layout: dict[str, list[int]] = {"added": [], "folded": [], "captured": list(capture_layers), "stage": []}
         captures = max_captures if capture_layers else 0  # prompts that may end in one step
         self.register_buffer("capture_rows", torch.zeros(captures, dtype=torch.long), persistent=False)
+        # float32 whatever the model's dtype (vLLM builds the model with its dtype as torch's
+        # default): captured states are never rounded to bf16/fp16.
         self.captured = {
-            layer: torch.zeros(captures, hidden) for layer in capture_layers
+            layer: torch.zeros(captures, hidden, dtype=torch.float32) for layer in capture_layers
         }  # moved with the module below
         for name in ("p", "q", "r"):
             self.register_buffer(name, torch.zeros(max_tokens, slots, dtype=torch.float32), persistent=False)
@@ -76,7 +78,9 @@ class SteeringState(nn.Module):
     def attach(self, layer: int, module: nn.Module, V: torch.Tensor) -> None:
         """Give `module` the per-token inputs and layer `layer`'s banks: V the raw directions
         [bank rows, hidden] (a zero row where a vector has none, or for a free row) and U the unit
-        directions."""
+        directions. Both banks are float32 whatever the model's dtype, so a start-up vector and
+        the same file added at runtime (`write`) give bit-identical rows."""
+        V = V.to(torch.float32)
         for name in ("p", "q", "r", "vid"):
             module.register_buffer(f"steer_{name}", getattr(self, name), persistent=False)
         module.register_buffer("steer_v", V, persistent=False)
@@ -89,7 +93,7 @@ class SteeringState(nn.Module):
         `row`, or to nothing."""
         for layer, module in self.banks.items():
             v = vector.directions.get(layer) if vector is not None else None
-            v = torch.zeros(module.steer_v.shape[1]) if v is None else v
+            v = torch.zeros(module.steer_v.shape[1], dtype=torch.float32) if v is None else v.to(torch.float32)
             module.steer_v[row].copy_(v)
             module.steer_u[row].copy_(_unit(v[None])[0])
         vectors = {k: v for k, v in self.config.vectors.items() if k != name}
@@ -127,7 +131,7 @@ class _SteeredLayer:
             hidden_states = steer_add(hidden_states, residual, *SteeringState.inputs(self))
         if self.steer_capture_out is not None:  # the layer's residual-stream output at the capture rows
             torch.ops.steer_batch.capture_rows_(
-                self.steer_capture_out, hidden_states + residual, self.steer_capture_rows
+                self.steer_capture_out, hidden_states, residual, self.steer_capture_rows
             )
         return hidden_states, residual
 
@@ -201,7 +205,8 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
             layer.register_buffer("steer_v", None, persistent=False)
         if i not in steered:
             continue
-        V = torch.zeros(config.max_vectors, hf.hidden_size)  # [bank rows, hidden]; rows past the vectors are free
+        # [bank rows, hidden] float32 (not the model's dtype); rows past the vectors are free
+        V = torch.zeros(config.max_vectors, hf.hidden_size, dtype=torch.float32)
         for row, v in enumerate(vectors.values()):
             if i in v.directions:
                 V[row] = v.directions[i]

@@ -11,7 +11,7 @@ from vllm.logger import init_logger
 from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from steer_batch.engine.config import SteeringConfig, SteeringRequestError, parse_request
+from steer_batch.engine.config import SteeringConfig, SteeringRequestError, asks_steering, parse_request
 from steer_batch.engine.model import SteeringState
 from steer_batch.errors import SteeringNotInstalled
 
@@ -36,6 +36,8 @@ class StepFiller:
         self.unsteered = np.zeros((6, state.p.shape[1]))
         self.filled = 0  # tokens written last step; zeroed again before the next
         self.capture_ids: list[str] = []  # requests whose prompt ends in the step being run
+        # (request ids, [capture layers, requests, hidden] float32 on the host, copy-done event or None)
+        self.pending: list[tuple[list[str], torch.Tensor, torch.cuda.Event | None]] = []
         self.captured: dict[str, torch.Tensor] = {}  # req_id -> [capture layers, hidden] float32
 
     @staticmethod
@@ -67,16 +69,35 @@ class StepFiller:
         return plan
 
     def flush_captures(self) -> None:
-        """File the last step's captured rows under their request ids (after its forward: the
-        copy to the host waits for it)."""
+        """Start copying the last step's captured rows to the host, without waiting for that step:
+        called before the next forward, so the copy is queued behind the step that wrote the rows
+        and ahead of the one that overwrites them. On a GPU it lands in pinned memory with an
+        event (vLLM's own pattern for its outputs), so async scheduling keeps the host ahead."""
         if self.capture_ids:
             k = len(self.capture_ids)
-            rows = torch.stack(
-                [self.state.captured[layer][:k].cpu() for layer in self.state.capture_layers]
-            )  # [layers, requests, hidden]
-            for k, rid in enumerate(self.capture_ids):
-                self.captured[rid] = rows[:, k].clone()
+            rows = torch.stack([self.state.captured[layer][:k] for layer in self.state.capture_layers])
+            event = None
+            if rows.device.type == "cuda":
+                host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+                host.copy_(rows, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = rows  # torch.stack made a copy
+            self.pending.append((self.capture_ids, host, event))
         self.capture_ids = []
+
+    def collect_captures(self, wait: bool) -> None:
+        """File the copied rows under their request ids: those whose copy is done, or all (`wait`)."""
+        while self.pending:
+            ids, host, event = self.pending[0]
+            if event is not None and not wait and not event.query():
+                return
+            if event is not None:
+                event.synchronize()
+            for k, rid in enumerate(ids):
+                self.captured[rid] = host[:, k]
+            self.pending.pop(0)
 
     def plan_captures(self, runner: GPUModelRunner, req_ids: list[str], num_scheduled_tokens: np.ndarray) -> None:
         """Flat index of the last prompt token of every prefill-only request (max_tokens 1, as
@@ -105,6 +126,7 @@ class StepFiller:
         req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
         if self.state.capture_layers:
             self.flush_captures()
+            self.collect_captures(wait=False)
             self.plan_captures(runner, req_ids, num_scheduled_tokens)
         # Rebuilt every step from the live batch, so finished requests drop out by themselves.
         self.plans = {rid: self.plan(rid, runner) for rid in req_ids}
@@ -135,16 +157,16 @@ class StepFiller:
         self.buffers["vid"].np[:n] = token_plans[:, _VID]
 
 
-def fill_step(runner: GPUModelRunner, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
+def fill_step(runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
     """After `_prepare_inputs`, before the forward (engine/hooks.py): fill this step's buffers."""
     filler = getattr(runner, "_steer_batch_filler", False)
     if filler is False:  # first step: resolve once whether this engine steers
-        filler = runner._steer_batch_filler = _make_filler(runner, scheduler_output)
+        filler = runner._steer_batch_filler = _make_filler(runner)
     if filler is not None:
         filler.fill(runner, num_scheduled_tokens)
 
 
-def _make_filler(runner: GPUModelRunner, scheduler_output) -> StepFiller | None:
+def _make_filler(runner: GPUModelRunner) -> StepFiller | None:
     state = getattr(runner.get_model(), "steering", None)
     config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
     if config is None:
@@ -154,10 +176,6 @@ def _make_filler(runner: GPUModelRunner, scheduler_output) -> StepFiller | None:
             f"steering was asked for, but model {type(runner.get_model()).__name__} has no steering "
             "installed: its architecture is not one steer-batch supports, or the plugin did not load"
         )
-    # The scheduler of a steering engine asks for freshly allocated KV blocks to be zeroed
-    # (engine/hooks.py). The CPU runner zeroes them as they come; the GPU runner only once its
-    # zeroer exists, which vLLM builds at start-up for Mamba or mixed-precision caches alone:
-    # build it now, and zero this first step's blocks, which its _update_states passed over.
     # vLLM 0.32 allocates a later pipeline stage's buffer for the activations it receives only
     # in its warm-up dummy run, which eager CPU engines skip (stock vLLM then fails the first
     # step with an AssertionError): allocate it as that run does.
@@ -165,8 +183,15 @@ def _make_filler(runner: GPUModelRunner, scheduler_output) -> StepFiller | None:
         runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
             batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
         )
+    return StepFiller(runner, state)
+
+
+def build_kv_zeroer(runner: GPUModelRunner) -> None:
+    """Once the KV cache is allocated (engine/hooks.py): the scheduler of a steering engine asks
+    for freshly allocated KV blocks to be zeroed (hooks.py, `_ZeroFreshBlocks`). The CPU runner
+    zeroes them itself; the GPU runner needs its zeroer, which vLLM builds here only for Mamba or
+    mixed-precision caches, and then warms (compiles its Triton kernel) in its kernel warm-up."""
+    if not asks_steering(runner.vllm_config.additional_config):
+        return
     if runner.device.type == "cuda" and not hasattr(runner, "_kv_block_zeroer"):
         runner._init_kv_zero_meta()
-        if scheduler_output.new_block_ids_to_zero:
-            runner._zero_block_ids(scheduler_output.new_block_ids_to_zero)
-    return StepFiller(runner, state)

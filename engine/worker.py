@@ -52,6 +52,7 @@ class SteeringWorkerExtension:
         if not filler:
             return {"ids": [], "layers": [], "shape": [0], "data": b""}
         filler.flush_captures()
+        filler.collect_captures(wait=True)
         taken, filler.captured = filler.captured, {}
         rows = np.stack([t.numpy() for t in taken.values()]) if taken else np.zeros(0, np.float32)
         layers = list(filler.state.capture_layers)  # this pipeline stage's captured layers

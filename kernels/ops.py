@@ -37,12 +37,14 @@ def _(x, residual, weight, eps, p, q, r, vid, V, U):
 
 
 @torch.library.custom_op("steer_batch::capture_rows_", mutates_args=("out",))
-def capture_rows_(out: torch.Tensor, h: torch.Tensor, rows: torch.Tensor) -> None:
-    """out[k] = h[rows[k]] for every k: out [slots, hidden] float32, rows [slots] int64 token
-    indices (unused slots point at row 0 and are ignored by the reader)."""
-    out.copy_(h.index_select(0, rows).float())
+def capture_rows_(out: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> None:
+    """out[k] = hidden[rows[k]] + residual[rows[k]] for every k, summed in float32 (a bf16/fp16
+    layer's deferred output is never rounded to its dtype on the way): out [slots, hidden]
+    float32, rows [slots] int64 token indices (unused slots point at row 0 and are ignored by the
+    reader). Only the chosen rows are read."""
+    out.copy_(hidden.index_select(0, rows).float() + residual.index_select(0, rows).float())
 
 
 @capture_rows_.register_fake
-def _(out, h, rows):
+def _(out, hidden, residual, rows):
     return None

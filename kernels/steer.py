@@ -48,7 +48,8 @@ def steer_add(hidden, residual, p, q, r, vid, V, U) -> torch.Tensor:
     """A vLLM decoder layer's deferred output (hidden, residual) sums to the state h: returns
     hidden plus the entries' change to h, so that hidden + residual is the steered state."""
     delta = steer_delta(hidden.float() + residual.float(), p, q, r, vid, V, U)
-    return _finite(hidden + delta.to(hidden.dtype), hidden.dtype)
+    # The sum in float32, rounded once to the model's dtype (an unsteered token comes back as it was).
+    return _finite(hidden.float() + delta, hidden.dtype).to(hidden.dtype)
 
 
 def fused_add_rms_norm_steer(x, residual, weight, eps: float, p, q, r, vid, V, U):

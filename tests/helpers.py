@@ -125,12 +125,12 @@ def make_vector(model_dir: Path, layers: list[int], seed: int, scale: float = 1.
 _HF = {}
 
 
-def load_hf(model_dir: Path):
+def load_hf(model_dir: Path, dtype: torch.dtype = torch.float32):
     import transformers as tf
 
-    if model_dir not in _HF:
-        _HF[model_dir] = tf.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    return _HF[model_dir]
+    if (model_dir, dtype) not in _HF:
+        _HF[model_dir, dtype] = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return _HF[model_dir, dtype]
 
 
 def decoder_layers(model):
@@ -199,24 +199,29 @@ def oracle_greedy(
     *,
     entries: list[tuple] | None = None,
     positions: tuple[int, int | None] = (0, None),
+    dtype: torch.dtype = torch.float32,
+    logits_out: list[torch.Tensor] | None = None,
 ) -> list[int]:
     """Greedy tokens of plain transformers with forward hooks: `vector` at `alpha` (add, every
-    position), or a whole spec, `entries` of (vector, alpha, op, scope) and `positions`."""
-    model = load_hf(model_dir)
+    position), or a whole spec, `entries` of (vector, alpha, op, scope) and `positions`; the
+    model in `dtype`. `logits_out`, if given, receives each step's logits (float32)."""
+    model = load_hf(model_dir, dtype)
     ids = list(prompt)
     if entries is None:
         entries = [] if vector is None else [(vector, alpha, "add", "all")]
     with steered_spec(model, entries, len(prompt), positions):
         for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1]
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
             ids.append(int(logits.argmax()))
+            if logits_out is not None:
+                logits_out.append(logits)
     return ids[len(prompt) :]
 
 
-def hf_last_token_outputs(model_dir: Path, prompt: list[int], layers: list[int]):
-    """[len(layers), hidden] numpy: each decoder layer's output at the last token, read by forward
-    hooks (so the last layer is the residual stream, not HF's normed hidden_states entry)."""
-    model, got = load_hf(model_dir), {}
+def hf_last_token_outputs(model_dir: Path, prompt: list[int], layers: list[int], dtype: torch.dtype = torch.float32):
+    """[len(layers), hidden] float32 numpy: each decoder layer's output at the last token, read by
+    forward hooks (so the last layer is the residual stream, not HF's normed hidden_states entry)."""
+    model, got = load_hf(model_dir, dtype), {}
     handles = [
         decoder_layers(model)[i].register_forward_hook(
             lambda m, a, out, i=i: got.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0, -1])
@@ -227,7 +232,7 @@ def hf_last_token_outputs(model_dir: Path, prompt: list[int], layers: list[int])
         model(torch.tensor([prompt]))
     for h in handles:
         h.remove()
-    return torch.stack([got[i] for i in layers]).numpy()
+    return torch.stack([got[i] for i in layers]).float().numpy()
 
 
 def make_prompts(count: int, seed: int, min_len: int = 5, max_len: int = 40) -> list[list[int]]:

@@ -2,7 +2,6 @@
 prefix caching across steering settings, request validation, and start-up refusals."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -240,26 +239,6 @@ def test_engine_refuses_unsupported_architecture(setup, tmp_path):
         ValueError, match=r"cannot steer architecture GPT2LMHeadModel; supported: \['Gemma2ForCausalLM'"
     ):
         make_llm(gpt2, {"a": paths["a"]})
-
-
-class _RunnerChoice:
-    """Stands in for VllmConfig.use_v2_model_runner, which on GPU defaults to V2 and reads the
-    same variable (on CPU vLLM never picks V2: it needs Triton's GPU backend)."""
-
-    @property
-    def use_v2_model_runner(self):
-        return os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "1") != "0"
-
-
-def test_model_runner_v2_is_switched_off_or_refused(monkeypatch):
-    from steer_batch.engine.frontend import _require_v1_runner
-
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(ValueError, match="needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is set"):
-        _require_v1_runner(_RunnerChoice())
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
-    _require_v1_runner(_RunnerChoice())  # the default: switch to V1 for this process and its children
-    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
 
 
 def _config_hash(model_dir, vectors, **steering):

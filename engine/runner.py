@@ -14,12 +14,9 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from steer_batch.engine.config import SteeringConfig, SteeringRequestError, asks_steering, parse_request
 from steer_batch.engine.model import SteeringState
 from steer_batch.errors import SteeringNotInstalled
+from steer_batch.kernels.step_inputs import HI, LO, VID, P, R, StepInputs
 
 logger = init_logger(__name__)
-
-# A request's plan: one column per entry slot, rows vid, p, q, r and the [lo, hi) absolute
-# positions the entry steers (its scope within the request's positions).
-_VID, _P, _Q, _R, _LO, _HI = range(6)
 
 
 class StepFiller:
@@ -30,11 +27,10 @@ class StepFiller:
 
     def __init__(self, runner: GPUModelRunner, state: SteeringState):
         self.state = state
-        self.buffers = {name: self._staging(getattr(state, name)) for name in ("p", "q", "r", "vid")}
+        self.inputs = StepInputs(state.p, state.q, state.r, state.vid)
         self.capture_staging = self._staging(state.capture_rows)
-        self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan; None: unsteered
+        self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan (kernels/step_inputs.py)
         self.unsteered = np.zeros((6, state.p.shape[1]))
-        self.filled = 0  # tokens written last step; zeroed again before the next
         self.capture_ids: list[str] = []  # requests whose prompt ends in the step being run
         # (request ids, [capture layers, requests, hidden] float32 on the host, copy-done event or None)
         self.pending: list[tuple[list[str], torch.Tensor, torch.cuda.Event | None]] = []
@@ -42,8 +38,8 @@ class StepFiller:
 
     @staticmethod
     def _staging(target: torch.Tensor) -> CpuGpuBuffer:
-        # Host staging with vLLM's own buffer type, so the copy follows the same ordering rules as
-        # the runner's input ids and positions. On CPU the staging is the model's buffer itself.
+        # Host staging with vLLM's own buffer type (pinned, copied without blocking), filled while
+        # vLLM's runner holds its input-preparation event. On CPU the staging is the buffer itself.
         buffer = CpuGpuBuffer(*target.shape, dtype=target.dtype, device=target.device)
         if target.device.type == "cpu":
             buffer.cpu, buffer.np = target, target.numpy()
@@ -63,9 +59,9 @@ class StepFiller:
             return None
         plan = np.zeros((6, self.state.p.shape[1]))
         for m, entry in enumerate(spec.entries):
-            plan[_VID, m] = self.state.index[entry.vector]
-            plan[_P : _R + 1, m] = entry.coefficients()
-            plan[_LO : _HI + 1, m] = spec.bounds(entry, request.num_prompt_tokens)
+            plan[VID, m] = self.state.index[entry.vector]
+            plan[P : R + 1, m] = entry.coefficients()
+            plan[LO : HI + 1, m] = spec.bounds(entry, request.num_prompt_tokens)
         return plan
 
     def flush_captures(self) -> None:
@@ -131,30 +127,10 @@ class StepFiller:
         # Rebuilt every step from the live batch, so finished requests drop out by themselves.
         self.plans = {rid: self.plan(rid, runner) for rid in req_ids}
         plans = [self.plans[rid] for rid in req_ids]
-        n = int(num_scheduled_tokens.sum())
-        for buffer in self.buffers.values():
-            buffer.np[n : self.filled] = 0
-        if any(plan is not None for plan in plans):
-            plans = [self.unsteered if plan is None else plan for plan in plans]
-            self._fill_steered(runner, num_scheduled_tokens, np.stack(plans), n)
-        else:
-            for buffer in self.buffers.values():
-                buffer.np[:n] = 0
-        if self.buffers["p"].cpu is not self.buffers["p"].gpu:
-            for buffer in self.buffers.values():
-                buffer.copy_to_gpu(max(n, self.filled))
-        self.filled = n
-
-    def _fill_steered(self, runner, num_scheduled_tokens: np.ndarray, plans: np.ndarray, n: int) -> None:
-        """plans [requests, 6, slots] in the batch's order."""
-        request = np.repeat(np.arange(len(num_scheduled_tokens)), num_scheduled_tokens)  # [tokens]
-        starts = np.cumsum(num_scheduled_tokens) - num_scheduled_tokens
-        position = runner.input_batch.num_computed_tokens_cpu[request] + np.arange(n) - starts[request]
-        token_plans = plans[request]  # [tokens, 6, slots]
-        inside = (position[:, None] >= token_plans[:, _LO]) & (position[:, None] < token_plans[:, _HI])
-        for name, row in (("p", _P), ("q", _Q), ("r", _R)):
-            self.buffers[name].np[:n] = np.where(inside, token_plans[:, row], 0.0)
-        self.buffers["vid"].np[:n] = token_plans[:, _VID]
+        steered = any(plan is not None for plan in plans)
+        stacked = np.stack([self.unsteered if plan is None else plan for plan in plans]) if steered else None
+        computed = runner.input_batch.num_computed_tokens_cpu[: len(num_scheduled_tokens)]
+        self.inputs.fill(stacked, num_scheduled_tokens, computed)
 
 
 def fill_step(runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:

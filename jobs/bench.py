@@ -77,14 +77,18 @@ def _vllm_tok_s(llm, prompts: list[str], extra_args: list[dict | None], max_toke
     return sum(len(o.outputs[0].token_ids) for o in outs) / seconds
 
 
-def _hf_tok_s(model_dir: Path, vector, prompts: list[str], alphas: list[float], max_tokens: int, batch: int) -> float:
-    """HF generate with a forward hook per layer adding alpha[row] * v (left-padded batches)."""
+def _hf_tok_s(
+    model_dir: Path, vector, prompts: list[str], alphas: list[float], max_tokens: int, batch: int, device: str, dtype
+) -> float:
+    """HF generate with a forward hook per layer adding alpha[row] * v (left-padded batches), on
+    the engines' device and in their dtype."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    directions = {i: d.to(device, dtype) for i, d in vector.directions.items()}
     row_alpha = torch.zeros(0)  # [batch], set per batch below
 
     def hook(module, args, out, d):
@@ -94,13 +98,13 @@ def _hf_tok_s(model_dir: Path, vector, prompts: list[str], alphas: list[float], 
 
     handles = [
         model.model.layers[i].register_forward_hook(lambda m, a, o, d=d: hook(m, a, o, d))
-        for i, d in vector.directions.items()
+        for i, d in directions.items()
     ]
     tokens, start = 0, time.perf_counter()
     with torch.no_grad():
         for lo in range(0, len(prompts), batch):
-            enc = tok(prompts[lo : lo + batch], return_tensors="pt", padding=True)
-            row_alpha = torch.tensor(alphas[lo : lo + batch])
+            enc = tok(prompts[lo : lo + batch], return_tensors="pt", padding=True).to(device)
+            row_alpha = torch.tensor(alphas[lo : lo + batch], device=device, dtype=dtype)
             out = model.generate(
                 **enc,
                 max_new_tokens=max_tokens,
@@ -126,7 +130,7 @@ def bench(
     """tok/s of each configuration (best round) on one steering engine (see the module doc), a
     stock engine, HF generate + hooks. Progress on stderr."""
     from steer_batch.data import sentence_beginnings
-    from steer_batch.engine.launch import close_llm, make_llm
+    from steer_batch.engine.launch import close_llm, make_llm, on_cpu
     from steer_batch.jobs.models import resolve_model
 
     model_dir = resolve_model(model)
@@ -134,7 +138,7 @@ def bench(
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
     vectors = {"v": _random_vector(model_dir, seed=0), "w": _random_vector(model_dir, seed=1)}
     configs = _configurations(num_prompts)
-    engine_args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
+    engine_args = bench_engine_args(eager, engines=2 if stock else 1)
     tok_s: dict[str, list[float]] = {}
     engines = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,6 +149,7 @@ def bench(
             # moment of the machine hits them alike; the best round of each counts (on 2 cores
             # one 10 s measurement varies by about +-5%).
             engines["steer"] = make_llm(model_dir, {n: Path(tmp) / f"{n}.safetensors" for n in vectors}, **engine_args)
+            dtype = engines["steer"].llm_engine.model_config.dtype  # the HF baseline runs in it too
             if stock:
                 engines["stock"] = make_llm(model_dir, **engine_args)
             runs = [(name, engines["steer"], args) for name, args in configs.items()]
@@ -162,8 +167,21 @@ def bench(
     results = {name: max(values) for name, values in tok_s.items()}
     if hf:
         alphas = [float(_spread(3)[i % 3]) for i in range(num_prompts)]
-        results["HF + hooks"] = _hf_tok_s(model_dir, vectors["v"], prompts, alphas, max_tokens, batch=num_prompts)
+        device = "cpu" if on_cpu() else "cuda"
+        results["HF + hooks"] = _hf_tok_s(
+            model_dir, vectors["v"], prompts, alphas, max_tokens, num_prompts, device, dtype
+        )
     return results
+
+
+def bench_engine_args(eager: bool, engines: int) -> dict:
+    """Engine arguments for `engines` engines up at once in this process: prefix caching off (every
+    configuration does the same work) and, on a GPU, an equal share of 90% of its memory each
+    (vLLM's default 0.9 apiece would leave the second engine none)."""
+    from steer_batch.engine.launch import on_cpu
+
+    args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
+    return args if on_cpu() else {**args, "gpu_memory_utilization": round(0.9 / engines, 3)}
 
 
 def bench_extract(model: str | Path | None = None, method: str = "mean_diff") -> dict:

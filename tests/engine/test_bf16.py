@@ -109,3 +109,53 @@ def test_a_runtime_vector_steers_bit_for_bit_like_the_same_file_at_start_up(setu
                 for o in res
             ]
         assert outs["a"] == outs["b"], spec
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_steering_state_is_float32_when_built_under_a_half_default_dtype(tmp_path, dtype):
+    """install_steering as vLLM calls it, under the model's dtype as torch's default (a stand-in
+    model: the decoder layers and config fields it reads): every bank and capture buffer is
+    float32, and a runtime write of the same file gives bit-identical rows."""
+    import types
+
+    from torch import nn
+
+    from steer_batch import SteeringVector
+    from steer_batch.engine.config import SteeringConfig
+    from steer_batch.engine.model import install_steering
+
+    g = torch.Generator().manual_seed(0)
+    vector = SteeringVector({1: torch.randn(64, generator=g) * 3.3, 2: torch.randn(64, generator=g)}, 4)
+    vector.save(tmp_path / "a.safetensors")
+
+    class Layer(nn.Module):
+        def forward(self, positions, hidden_states, residual):
+            return hidden_states, residual
+
+    decoder = nn.Module()
+    decoder.layers, decoder.start_layer, decoder.end_layer = nn.ModuleList(Layer() for _ in range(4)), 0, 4
+    decoder.weight = nn.Parameter(torch.zeros(1))
+    model = nn.Module()
+    model.model = decoder
+    vllm_config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(hf_text_config=types.SimpleNamespace(hidden_size=64, num_hidden_layers=4)),
+        scheduler_config=types.SimpleNamespace(max_num_batched_tokens=32, max_num_seqs=4),
+        compilation_config=types.SimpleNamespace(max_cudagraph_capture_size=None),
+    )
+    config = SteeringConfig.from_additional_config(
+        {"steering": {"vectors": {"a": str(tmp_path / "a.safetensors")}, "capture": [3], "max_vectors": 4}}
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        state = install_steering(model, config, vllm_config)
+        state.write("b", 1, SteeringVector.load(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"))
+    finally:
+        torch.set_default_dtype(default)
+    for layer in (1, 2):
+        bank = state.banks[layer]
+        assert bank.steer_v.dtype == bank.steer_u.dtype == torch.float32
+        assert torch.equal(bank.steer_v[0], vector.directions[layer])
+        assert torch.equal(bank.steer_v[0], bank.steer_v[1]) and torch.equal(bank.steer_u[0], bank.steer_u[1])
+    assert state.captured[3].dtype == torch.float32
+    assert {state.p.dtype, state.q.dtype, state.r.dtype} == {torch.float32}

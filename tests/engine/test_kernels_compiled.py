@@ -2,6 +2,7 @@
 nothing is steered, the Triton kernel under the Triton interpreter (CPU), and the custom op under
 torch.compile."""
 
+import json
 import os
 import subprocess
 import sys
@@ -29,20 +30,30 @@ def test_no_token_steered_is_exactly_vllms_fused_add_rms_norm(dtype):
     assert torch.equal(out, want_out) and torch.equal(res_out, want_res)
 
 
-def test_triton_kernels_under_the_interpreter():
-    """kernels/gpu_check.py's correctness path, on CPU: every dtype, outputs poisoned with NaN."""
+def test_gpu_check_runs_its_cpu_parts(tmp_path):
+    """kernels/gpu_check.py's CPU parts (Triton interpreter, compiled toy stack, step inputs): PASS and a report."""
     pytest.importorskip("triton", reason="Triton is not installed: its interpreter cannot run")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "kernels" / "gpu_check.py"), "--interpret"],
+        [
+            sys.executable,
+            str(ROOT / "kernels" / "gpu_check.py"),
+            "--interpret",
+            "--json",
+            str(tmp_path / "gpu_check.json"),
+        ],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert done.stdout.strip().endswith("all correct")
-    assert done.stdout.count("ok  ") == 54  # 3 shapes x 3 dtypes x (4 outputs + 2 finiteness checks)
+    verdict = done.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("gpu_check: PASS on cpu (interpreter): 61 of 61 checks passed"), verdict
+    # kernels: 3 shapes x 3 dtypes x (3 outputs + 2 non-finite checks); graph: 2 dtypes x 2 replays x 3; step: 4
+    assert done.stdout.count("ok  ") == 45 + 12 + 4
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["passed"] and len(report["checks"]) == 61 and report["device"] == "cpu (interpreter)"
 
 
 def test_custom_ops_compile_to_the_same_result():

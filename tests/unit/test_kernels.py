@@ -73,3 +73,34 @@ def test_an_absurd_alpha_never_makes_a_state_non_finite(dtype):
     nan = x.clone()
     nan[1, 7] = float("nan")
     assert bool(torch.isnan(steer_add(nan, res, p, q, r, vid, V, U)[1, 7])), "a NaN that was there must stay visible"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_steered_state_is_rounded_once_to_the_models_dtype(dtype):
+    """hidden + change is formed in float32 and rounded once: every value is within half a unit in
+    the last place of the exact sum (rounding the change first, then the sum, is not)."""
+    x, res, w, p, q, r, vid, V, U = inputs(64, 576, dtype)
+    _, steered = reference(x, res, w, p, q, r, vid, V, U)  # float64
+    change = steered - (x.double() + res.double())
+    exact = x.double() + change
+    got = steer_add(x, res, p, q, r, vid, V, U).double()
+    _, exponent = torch.frexp(exact)
+    ulp = torch.ldexp(torch.ones_like(exact), exponent - (8 if dtype == torch.bfloat16 else 11))
+    slack = 1e-5 * change.abs() + 1e-30  # the float32 change's own error
+    assert bool(((got - exact).abs() <= ulp / 2 + slack).all())
+
+
+@pytest.mark.parametrize("dtype, change", [(torch.float16, 1e5), (torch.bfloat16, 3.395e38)])
+def test_a_sum_beyond_the_dtype_but_finite_in_float32_saturates(dtype, change):
+    """An alpha that overflows the model's dtype but not float32 (fp16: 1e5; bf16: past 3.39e38,
+    below float32's 3.40e38) saturates at the dtype's largest value instead of becoming inf."""
+    x, res, w, p, q, r, vid, V, U = inputs(3, 64, dtype, steered=0.0)
+    V[0] = 0
+    V[0, 5] = 1.0
+    vid[1, 0], p[1, 0] = 0, change
+    assert change < torch.finfo(torch.float32).max and change > torch.finfo(dtype).max
+    h = steer_add(x, res, p, q, r, vid, V, U)
+    out, res_out = fused_add_rms_norm_steer(x, res, w, EPS, p, q, r, vid, V, U)
+    for t in (h, out, res_out):
+        assert bool(torch.isfinite(t).all())
+    assert float(h[1, 5]) == float(res_out[1, 5]) == torch.finfo(dtype).max

@@ -1,0 +1,20 @@
+"""`steer-batch bench` on a GPU (emulated: the device check answers "not a CPU"): the engines it
+keeps up side by side share the GPU's memory instead of each claiming vLLM's default 90%."""
+
+import pytest
+
+from steer_batch.engine import launch
+from steer_batch.jobs.bench import bench_engine_args
+
+
+@pytest.mark.parametrize("engines", [1, 2, 4])
+def test_engines_up_at_once_share_the_gpu(monkeypatch, engines):
+    monkeypatch.setattr(launch, "on_cpu", lambda: False)
+    args = bench_engine_args(eager=False, engines=engines)
+    assert args["gpu_memory_utilization"] * engines <= 0.9 + 1e-9
+    assert args["enable_prefix_caching"] is False and args["enforce_eager"] is False
+
+
+def test_on_cpu_the_engines_keep_make_llms_defaults(monkeypatch):
+    monkeypatch.setattr(launch, "on_cpu", lambda: True)
+    assert "gpu_memory_utilization" not in bench_engine_args(eager=True, engines=2)

@@ -466,13 +466,19 @@ def report_command(out):
 @click.option("--hf/--no-hf", default=True, show_default=True, help="Also time HF generate + forward hooks.")
 @click.option("--eager", is_flag=True, help="enforce_eager (skip torch.compile).")
 @click.option(
+    "--slots",
+    default="1,2,4",
+    show_default=True,
+    help="max_vectors_per_request of the engines that time unsteered requests and 256 alphas (one engine each).",
+)
+@click.option(
     "--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures as JSON."
 )
 @click.option(
     "--ray", "use_ray", is_flag=True, help="Instead: one run's generation in one engine vs Ray Data, 1 and 2 replicas."
 )
 @_verbose
-def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json_out, use_ray):
+def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slots, json_out, use_ray):
     """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks (or, with --ray,
     the generation step in one engine vs Ray Data LLM replicas)."""
     from steer_batch.jobs.bench import bench, bench_ray
@@ -487,17 +493,23 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, json
         for name, value in seconds.items():
             click.echo(f"{name:<22}{value:>10.1f}{base / value:>16.3f}")
         return
-    results = bench(model, num_prompts, max_tokens, rounds, stock, hf, eager)
+    try:
+        slot_counts = tuple(sorted({int(k) for k in slots.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"{slots!r}: expected integers like 1,2,4", param_hint="--slots") from None
+    if not all(1 <= k <= 64 for k in slot_counts):
+        raise click.BadParameter(f"{slots!r}: each slot count must be 1 to 64", param_hint="--slots")
+    results = bench(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot_counts)
     base, stock_base = results["unsteered"], results.get("stock vLLM")
     click.echo(
         f"model {model or 'default'}  prompts {num_prompts}  max_tokens {max_tokens}  "
         f"{'eager' if eager else 'compiled'}  "
         f"all layers steered  best of {rounds} rounds"
     )
-    click.echo(f"{'configuration':<22}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}")
+    click.echo(f"{'configuration':<28}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}")
     for name, value in results.items():
         vs_stock = f"{value / stock_base:>10.3f}" if stock_base else ""
-        click.echo(f"{name:<22}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
+        click.echo(f"{name:<28}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
     if "256 alphas" in results:
         click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")
     if json_out:
@@ -549,6 +561,22 @@ def bench_extract_command(model, method):
         f"HF/vLLM time {seconds['hf'] / seconds['vllm']:.2f}x"
     )
     click.echo(f"largest relative difference between the two vectors over layers: {r['worst_relative_difference']:.2e}")
+
+
+@main.command("engine-check")
+@click.option("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct).")
+@click.option("--eager", is_flag=True, help="enforce_eager (skip torch.compile and CUDA graphs).")
+@click.option("--max-tokens", default=16, show_default=True, help="Generated tokens per request.")
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the report."
+)
+@_verbose
+def engine_check_command(model, eager, max_tokens, json_path):
+    """The GPU checks through real vLLM engines (README, GPU): exits 1 when a check fails."""
+    from steer_batch.jobs.engine_check import engine_check
+
+    if not engine_check(model, eager, max_tokens, json_path)["passed"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

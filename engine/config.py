@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,12 +174,22 @@ def asks_steering(additional_config: Any) -> bool:
     return isinstance(additional_config, dict) and CONFIG_KEY in additional_config
 
 
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise SteerBatchError(
-            f'additional_config["steering"]["vectors"]: names must be non-empty strings; got {name!r}'
-        )
+# A vector's name, the same for start-up and runtime vectors: safe in a URL path segment (so every
+# name that can be added can be deleted, DELETE /v1/steering/vectors/{name}), a file name and a log.
+VECTOR_NAME = re.compile(r"[A-Za-z0-9_@-][A-Za-z0-9._@-]{0,63}")
+VECTOR_NAME_RULE = "1 to 64 letters, digits, '.', '_', '-' or '@', not starting with '.'"
+
+
+def check_vector_name(name: Any, where: str, param: str) -> str:
+    """`name` if it is a valid vector name, else SteerBatchError naming `where` and the rule."""
+    if not isinstance(name, str) or VECTOR_NAME.fullmatch(name) is None:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:80] + "...")
+        raise SteerBatchError(f"{where}={shown}: a vector name is {VECTOR_NAME_RULE}", param=param)
     return name
+
+
+def _check_name(name: Any) -> str:
+    return check_vector_name(name, 'additional_config["steering"]["vectors"] name', "vectors")
 
 
 def _vector_spec(name: str, spec: Any) -> VectorSpec:

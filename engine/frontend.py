@@ -6,6 +6,7 @@ engine/hooks.py calls these from its wraps of vLLM."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,12 +24,11 @@ from steer_batch.engine.config import (
     SteeringSpec,
     VectorSpec,
     asks_steering,
-    file_sha256,
     parse_request,
 )
 from steer_batch.engine.launch import WORKER_EXTENSION
 from steer_batch.errors import SteerBatchError, SteeringNotInstalled
-from steer_batch.vectors.vector import SteeringVector
+from steer_batch.vectors.vector import SteeringVector, read_file
 
 logger = init_logger(__name__)
 
@@ -60,8 +60,14 @@ def prepare_engine_config(vllm_config) -> None:
     pinned = {}
     for name, spec in config.vectors.items():
         path = Path(spec.path).expanduser().resolve()
-        vector = SteeringVector.load_for_model(name, path, hf.hidden_size, hf.num_hidden_layers)
-        sha = file_sha256(path)
+        data = read_file(path)  # read once: the sha256 is of the bytes validated
+        try:
+            vector = SteeringVector.from_bytes(data, str(path))
+            vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=str(path))
+            vector.check_alpha_bound(config.max_abs_alpha, model_config.dtype, source=str(path))
+        except SteerBatchError as e:
+            raise type(e)(f"steering vector {name!r}: {e}") from None
+        sha = hashlib.sha256(data).hexdigest()
         if spec.sha256 is not None and spec.sha256 != sha:
             raise SteerBatchError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")
         pinned[name] = VectorSpec(str(path), sha, tuple(vector.layers))
@@ -105,8 +111,6 @@ def prepare_engine_config(vllm_config) -> None:
 def _code_hash() -> str:
     """Hash of the code that runs inside the compiled graph: vLLM's AOT compile cache is keyed
     by the config hash, so a new steer-batch must not load a graph compiled by an old one."""
-    import hashlib
-
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for source in (package / "engine" / "model.py", *sorted((package / "kernels").glob("*.py"))):

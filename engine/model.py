@@ -12,6 +12,7 @@ a batch holds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import torch
@@ -26,11 +27,11 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*)
-from steer_batch.engine.config import SteeringConfig, VectorSpec, file_sha256
+from steer_batch.engine.config import SteeringConfig, VectorSpec
 from steer_batch.engine.hooks import swap_class
 from steer_batch.errors import SteerBatchError
 from steer_batch.kernels import steer_add
-from steer_batch.vectors.vector import SteeringVector
+from steer_batch.vectors.vector import SteeringVector, read_file
 
 logger = init_logger(__name__)
 NAN_COUNT_VARIABLE = "VLLM_COMPUTE_NANS_IN_LOGITS"
@@ -74,6 +75,9 @@ class SteeringState(nn.Module):
         for name in ("p", "q", "r"):
             self.register_buffer(name, torch.zeros(max_tokens, slots, dtype=torch.float32), persistent=False)
         self.register_buffer("vid", torch.zeros(max_tokens, slots, dtype=torch.int32), persistent=False)
+        # Slots any token of the step uses, on the CPU only (kernels/steer.py steer_add_ skips the
+        # rest there; a CUDA graph cannot look at a step, and the compiled add runs every slot).
+        self.register_buffer("active", torch.zeros(1, dtype=torch.int32), persistent=False)
 
     def attach(self, layer: int, module: nn.Module, V: torch.Tensor) -> None:
         """Give `module` the per-token inputs and layer `layer`'s banks: V the raw directions
@@ -83,6 +87,8 @@ class SteeringState(nn.Module):
         V = V.to(torch.float32)
         for name in ("p", "q", "r", "vid"):
             module.register_buffer(f"steer_{name}", getattr(self, name), persistent=False)
+        on_cpu = self.active.device.type == "cpu"
+        module.register_buffer("steer_active", self.active if on_cpu else None, persistent=False)
         module.register_buffer("steer_v", V, persistent=False)
         module.register_buffer("steer_u", _unit(V), persistent=False)
         self.banks[layer] = module
@@ -123,11 +129,14 @@ class _SteeredLayer:
     """Mixed into a decoder layer's class; the layer's own forward runs unchanged first."""
 
     steer_v: torch.Tensor | None  # None where the add is folded into the next norm, or the layer only captures
+    steer_active: torch.Tensor | None  # [1] slots the step uses, on the CPU (SteeringState)
     steer_capture_out: torch.Tensor | None  # [slots, hidden] when this layer is captured (SteeringState)
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
-        if self.steer_v is not None:
+        if self.steer_v is not None and self.steer_active is not None:  # CPU: only what the step steers
+            torch.ops.steer_batch.steer_add_(hidden_states, residual, *SteeringState.inputs(self), self.steer_active)
+        elif self.steer_v is not None:
             hidden_states = steer_add(hidden_states, residual, *SteeringState.inputs(self))
         if self.steer_capture_out is not None:  # the layer's residual-stream output at the capture rows
             torch.ops.steer_batch.capture_rows_(
@@ -166,12 +175,13 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     decoder = model.model
     vectors = {}
     for name, spec in config.vectors.items():
-        if spec.sha256 is not None and file_sha256(spec.path) != spec.sha256:
+        data = read_file(spec.path)  # read once: what is checked is what is loaded
+        if spec.sha256 is not None and hashlib.sha256(data).hexdigest() != spec.sha256:
             raise SteerBatchError(
                 f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs); "
                 "start the engine again"
             )
-        vectors[name] = SteeringVector.load_for_model(name, spec.path, hf.hidden_size, hf.num_hidden_layers)
+        vectors[name] = SteeringVector.from_bytes(data, spec.path)
 
     # vLLM's own per-request count of NaN logits (kept on the device under async scheduling),
     # which engine/frontend.py turns into an error finish. Set here, in the worker process while

@@ -27,7 +27,8 @@ class StepFiller:
 
     def __init__(self, runner: GPUModelRunner, state: SteeringState):
         self.state = state
-        self.inputs = StepInputs(state.p, state.q, state.r, state.vid)
+        active = state.active if state.active.device.type == "cpu" else None
+        self.inputs = StepInputs(state.p, state.q, state.r, state.vid, active)
         self.capture_staging = self._staging(state.capture_rows)
         self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan (kernels/step_inputs.py)
         self.unsteered = np.zeros((6, state.p.shape[1]))

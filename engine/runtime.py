@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 
-from steer_batch.engine.config import VectorSpec, file_sha256
+from steer_batch.engine.config import VectorSpec, check_vector_name
 from steer_batch.engine.frontend import Registry
 from steer_batch.errors import SteerBatchError
-from steer_batch.vectors.vector import SteeringVector
+from steer_batch.vectors.vector import SteeringVector, read_file
 
 WAIT_SECONDS = 60.0  # how long a server's DELETE waits for the requests using the vector
 
@@ -58,9 +59,9 @@ def list_vectors(engine) -> list[dict]:
 def add_vector(llm, name: str, path: str | Path) -> dict:
     """Load the vector file `path` into `llm` (an `LLM` or `LLMEngine`) as `name`; returns its
     listing entry."""
-    registry, spec, row = _prepare_add(llm, name, path)
+    registry, spec, row, data = _prepare_add(llm, name, path)
     try:
-        _engine(llm).collective_rpc("steer_batch_add_vector", args=(name, spec.path, spec.sha256, row))
+        _engine(llm).collective_rpc("steer_batch_add_vector", args=(name, spec.path, data, spec.sha256, row))
     except BaseException:
         _release(registry, name)
         raise
@@ -69,9 +70,9 @@ def add_vector(llm, name: str, path: str | Path) -> dict:
 
 async def add_vector_async(engine_client, name: str, path: str | Path) -> dict:
     """`add_vector` for an `AsyncLLM` (the OpenAI-compatible server's engine client)."""
-    registry, spec, row = _prepare_add(engine_client, name, path)
+    registry, spec, row, data = _prepare_add(engine_client, name, path)
     try:
-        await engine_client.collective_rpc("steer_batch_add_vector", args=(name, spec.path, spec.sha256, row))
+        await engine_client.collective_rpc("steer_batch_add_vector", args=(name, spec.path, data, spec.sha256, row))
     except BaseException:
         _release(registry, name)
         raise
@@ -135,16 +136,17 @@ def _describe(spec: VectorSpec) -> dict:
     }
 
 
-def _prepare_add(engine, name: str, path: str | Path) -> tuple[Registry, VectorSpec, int]:
-    """Validate an addition and reserve its name and bank row."""
+def _prepare_add(engine, name: str, path: str | Path) -> tuple[Registry, VectorSpec, int, bytes]:
+    """Validate an addition and reserve its name and bank row; the file's bytes, read once, are
+    what the workers load (a file replaced meanwhile cannot reach them half validated)."""
     registry = _registry(engine)
     with registry.lock:
-        spec, row = _check_add(engine, registry, name, path)
+        spec, row, data = _check_add(engine, registry, name, path)
         registry.rows[name] = row  # reserved: no other addition takes the name or the row
-    return registry, spec, row
+    return registry, spec, row, data
 
 
-def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple[VectorSpec, int]:
+def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple[VectorSpec, int, bytes]:
     config = registry.config
     if config is None or not config.runtime_vectors:
         raise RuntimeVectorError(
@@ -153,9 +155,14 @@ def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple
             "(steer-batch serve --allow-runtime-vectors DIR)",
             403,
         )
-    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name:
-        raise RuntimeVectorError(f"name={name!r}: a vector name is a non-empty string without '/'", 400, "name")
-    resolved = Path(path).expanduser().resolve()
+    try:
+        check_vector_name(name, "name", "name")
+    except SteerBatchError as e:
+        raise RuntimeVectorError(str(e), 400, "name") from None
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise RuntimeVectorError(f"path={str(path)[:200]!r} cannot be resolved: {e}", 400, "path") from None
     if isinstance(config.runtime_vectors, str):
         allowed = Path(config.runtime_vectors).expanduser().resolve()
         if not resolved.is_relative_to(allowed):
@@ -165,12 +172,9 @@ def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple
                 403,
                 "path",
             )
-    sha = file_sha256(resolved) if resolved.is_file() else None
     if name in registry.rows and name not in config.vectors:
         raise RuntimeVectorError(f"vector {name!r} is being added by another request", 409, "name")
     if name in config.vectors:
-        if config.vectors[name].sha256 == sha:
-            raise RuntimeVectorError(f"vector {name!r} is already loaded from this file", 409, "name")
         raise RuntimeVectorError(
             f"vector {name!r} is already loaded (from {config.vectors[name].path}); remove it first "
             f"(DELETE /v1/steering/vectors/{name})",
@@ -183,11 +187,15 @@ def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple
             f"all {config.max_vectors} bank rows are in use (the engine's max_vectors); remove a vector first",
             409,
         )
-    hf = _engine(engine).input_processor.vllm_config.model_config.hf_text_config
+    model_config = _engine(engine).input_processor.vllm_config.model_config
+    hf = model_config.hf_text_config
     try:
-        vector = SteeringVector.load_for_model(name, resolved, hf.hidden_size, hf.num_hidden_layers)
+        data = read_file(resolved)
+        vector = SteeringVector.from_bytes(data, str(resolved))
+        vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=str(resolved))
+        vector.check_alpha_bound(config.max_abs_alpha, model_config.dtype, source=str(resolved))
     except SteerBatchError as e:
-        raise RuntimeVectorError(str(e), 400, "path") from None
+        raise RuntimeVectorError(f"steering vector {name!r}: {e}", 400, "path") from None
     outside = sorted(set(vector.layers) - set(config.layers))
     if outside:
         raise RuntimeVectorError(
@@ -196,7 +204,7 @@ def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple
             400,
             "path",
         )
-    return VectorSpec(str(resolved), sha, tuple(vector.layers)), free[0]
+    return VectorSpec(str(resolved), hashlib.sha256(data).hexdigest(), tuple(vector.layers)), free[0], data
 
 
 def _commit_add(registry: Registry, name: str, spec: VectorSpec, row: int) -> dict:

@@ -25,18 +25,20 @@ class SteeringWorkerExtension:
         state = self._steering()
         return dict(state.layout) if state is not None else {}
 
-    def steer_batch_add_vector(self, name: str, path: str, sha256: str, row: int) -> None:
-        """Load the vector file the front end validated (engine/runtime.py) into bank row `row`."""
-        from steer_batch.engine.config import file_sha256
+    def steer_batch_add_vector(self, name: str, path: str, data: bytes, sha256: str, row: int) -> None:
+        """Load the vector the front end validated (engine/runtime.py), from the file's bytes it
+        read (`path` only names it), into bank row `row`."""
+        import hashlib
+
         from steer_batch.errors import SteerBatchError
         from steer_batch.vectors.vector import SteeringVector
 
-        if file_sha256(path) != sha256:
-            raise SteerBatchError(f"steering vector {name!r}: {path} changed while it was being added (sha256 differs)")
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise SteerBatchError(f"steering vector {name!r}: the bytes sent for {path} do not match their sha256")
         hf = self.model_runner.vllm_config.model_config.hf_text_config
-        self._steering().write(
-            name, row, SteeringVector.load_for_model(name, path, hf.hidden_size, hf.num_hidden_layers), path
-        )
+        vector = SteeringVector.from_bytes(data, path)
+        vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=path)
+        self._steering().write(name, row, vector, path)
 
     def steer_batch_remove_vector(self, name: str) -> None:
         """Clear the bank row of `name` (no running request uses it: engine/runtime.py)."""

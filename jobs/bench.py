@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST
+
 DISTINCT_ALPHAS = (1, 3, 64, 256)
 
 
@@ -126,9 +128,12 @@ def bench(
     stock: bool = True,
     hf: bool = True,
     eager: bool = False,
+    slots: tuple[int, ...] = (1, 2, 4),
 ) -> dict[str, float]:
-    """tok/s of each configuration (best round) on one steering engine (see the module doc), a
-    stock engine, HF generate + hooks. Progress on stderr."""
+    """tok/s of each configuration (best round) on one steering engine with the default
+    `max_vectors_per_request` (see the module doc), unsteered requests and 256 distinct alphas on
+    one more steering engine per other entry of `slots`, a stock engine, HF generate + hooks.
+    Progress on stderr."""
     from steer_batch.data import sentence_beginnings
     from steer_batch.engine.launch import close_llm, make_llm, on_cpu
     from steer_batch.jobs.models import resolve_model
@@ -138,7 +143,8 @@ def bench(
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
     vectors = {"v": _random_vector(model_dir, seed=0), "w": _random_vector(model_dir, seed=1)}
     configs = _configurations(num_prompts)
-    engine_args = bench_engine_args(eager, engines=2 if stock else 1)
+    others = [k for k in slots if k != DEFAULT_MAX_VECTORS_PER_REQUEST]
+    engine_args = bench_engine_args(eager, engines=1 + len(others) + stock)
     tok_s: dict[str, list[float]] = {}
     engines = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,11 +154,18 @@ def bench(
             # Both engines stay up and the configurations interleave round by round, so a slow
             # moment of the machine hits them alike; the best round of each counts (on 2 cores
             # one 10 s measurement varies by about +-5%).
-            engines["steer"] = make_llm(model_dir, {n: Path(tmp) / f"{n}.safetensors" for n in vectors}, **engine_args)
+            files = {n: Path(tmp) / f"{n}.safetensors" for n in vectors}
+            engines["steer"] = make_llm(model_dir, files, **engine_args)
             dtype = engines["steer"].llm_engine.model_config.dtype  # the HF baseline runs in it too
+            runs = [(name, engines["steer"], args) for name, args in configs.items()]
+            for k in others:  # what unused slots cost: the same engine with k slots per token
+                steering = {"steering": {"max_vectors_per_request": k}}
+                engines[k] = make_llm(model_dir, files, additional_config=steering, **engine_args)
+                for name in ("unsteered", "256 alphas"):
+                    if name in configs:
+                        runs.append((f"{name}, {k} slot{'s' if k > 1 else ''}", engines[k], configs[name]))
             if stock:
                 engines["stock"] = make_llm(model_dir, **engine_args)
-            runs = [(name, engines["steer"], args) for name, args in configs.items()]
             runs += [("stock vLLM", engines["stock"], configs["unsteered"])] if stock else []
             for _, llm, args in runs:  # warm-up
                 _vllm_tok_s(llm, prompts[:8], args[:8], max_tokens)
@@ -181,7 +194,9 @@ def bench_engine_args(eager: bool, engines: int) -> dict:
     from steer_batch.engine.launch import on_cpu
 
     args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
-    return args if on_cpu() else {**args, "gpu_memory_utilization": round(0.9 / engines, 3)}
+    if on_cpu():  # a KV cache of its own size for each, not 30% of the machine's memory apiece
+        return {**args, "kv_cache_memory_bytes": 2 << 30}
+    return {**args, "gpu_memory_utilization": round(0.9 / engines, 3)}
 
 
 def bench_extract(model: str | Path | None = None, method: str = "mean_diff") -> dict:

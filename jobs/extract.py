@@ -69,10 +69,10 @@ def hf_last_token_states(model, tokenizer, prompts: list[str], layers: list[int]
     try:
         with torch.no_grad():
             for lo in range(0, len(prompts), batch):
-                enc = tokenizer(prompts[lo : lo + batch], return_tensors="pt", padding=True)
+                enc = tokenizer(prompts[lo : lo + batch], return_tensors="pt", padding=True).to(model.device)
                 last = enc["attention_mask"].sum(1) - 1  # right padding: index of the last real token
                 model(**enc)
-                rows.append(torch.stack([captured[i] for i in layers], dim=1))
+                rows.append(torch.stack([captured[i] for i in layers], dim=1).cpu())
     finally:
         for h in handles:
             h.remove()

@@ -17,11 +17,11 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from steer_batch.engine.config import OPS, SCOPES, Entry, file_sha256, steering
+from steer_batch.engine.config import OPS, SCOPES, Entry, check_vector_name, file_sha256, steering
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 from steer_batch.eval.runfiles import GENERATIONS, GENERATIONS_SCHEMA, MANIFEST, require, row_keys
@@ -88,7 +88,7 @@ def _versions() -> dict[str, str]:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def prepare_out(out: Path, spec: RunSpec, check_only: bool = False) -> dict | None:
@@ -294,6 +294,7 @@ def parse_vectors(texts: list[str]) -> dict[str, Path]:
         name, path = (name, Path(path)) if sep else (Path(text).stem, Path(text))
         if not name or name in vectors:
             raise SteerBatchError(f"{text!r}: every vector needs its own non-empty name (NAME=FILE)", param="vector")
+        check_vector_name(name, f"--vector {text!r}: NAME", "vector")
         vectors[name] = path
     return vectors
 

@@ -1,6 +1,7 @@
 """The steering ops as torch custom ops, with fake implementations, so torch.compile and CUDA
 graphs treat each as one opaque node: `fused_add_rms_norm_steer` (the torch implementation on
-CPU, the Triton kernel on CUDA; arguments as kernels/steer.py) and `capture_rows_`, which copies
+CPU, the Triton kernel on CUDA; arguments as kernels/steer.py), `steer_add_` (the CPU's separate
+add, which skips what a step does not steer) and `capture_rows_`, which copies
 chosen token rows of a layer's output into a persistent buffer from inside a compiled graph."""
 
 import torch
@@ -34,6 +35,28 @@ def _(x, residual, weight, eps, p, q, r, vid, V, U):
 @fused_add_rms_norm_steer.register_fake
 def _(x, residual, weight, eps, p, q, r, vid, V, U):
     return torch.empty_like(x), torch.empty_like(residual)
+
+
+@torch.library.custom_op("steer_batch::steer_add_", mutates_args=("hidden",))
+def steer_add_(
+    hidden: torch.Tensor,
+    residual: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    r: torch.Tensor,
+    vid: torch.Tensor,
+    V: torch.Tensor,
+    U: torch.Tensor,
+    active: torch.Tensor,
+) -> None:
+    """The separate add in place on the CPU, skipping unused slots and unsteered tokens
+    (kernels/steer.py `steer_add_`); one opaque node for torch.compile."""
+    steer.steer_add_(hidden, residual, p, q, r, vid, V, U, active)
+
+
+@steer_add_.register_fake
+def _(hidden, residual, p, q, r, vid, V, U, active):
+    return None
 
 
 @torch.library.custom_op("steer_batch::capture_rows_", mutates_args=("out",))

@@ -60,3 +60,21 @@ def fused_add_rms_norm_steer(x, residual, weight, eps: float, p, q, r, vid, V, U
     s = _finite(s + steer_delta(s, p, q, r, vid, V, U), dtype)
     normed = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
     return (normed.to(weight.dtype) * weight).to(dtype), s.to(dtype)
+
+
+def steer_add_(hidden, residual, p, q, r, vid, V, U, active) -> None:
+    """`steer_add` in place, computing only what the step steers (the CPU path: no CUDA graph
+    replays it, so it may look at the step): `active` [1] int32 holds how many slots any token of
+    the step uses (0: nothing is steered, and the layer's output is left as it is), and only the
+    rows of tokens with a nonzero coefficient are computed, each exactly as `steer_add` does."""
+    k = int(active[0])
+    if k == 0:
+        return
+    n = hidden.shape[0]
+    p, q, r, vid = p[:n, :k], q[:n, :k], r[:n, :k], vid[:n, :k]
+    rows = ((p != 0) | (q != 0) | (r != 0)).any(1).nonzero().squeeze(1)
+    if rows.numel() == n:
+        hidden.copy_(steer_add(hidden, residual, p, q, r, vid, V, U))
+    elif rows.numel():
+        steered = steer_add(hidden[rows], residual[rows], p[rows], q[rows], r[rows], vid[rows], V, U)
+        hidden.index_copy_(0, rows, steered)

@@ -22,8 +22,11 @@ class StepInputs:
 
     NAMES = ("p", "q", "r", "vid")
 
-    def __init__(self, p: torch.Tensor, q: torch.Tensor, r: torch.Tensor, vid: torch.Tensor):
+    def __init__(self, p, q, r, vid, active: torch.Tensor | None = None):
+        """`active`, a [1] int32 tensor on the CPU, if given, receives the number of slots any token
+        of the step uses (0: none), for the CPU op that skips the rest (steer.py `steer_add_`)."""
         self.device = dict(zip(self.NAMES, (p, q, r, vid)))
+        self.active = active
         self.host = {
             name: t if t.device.type == "cpu" else torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
             for name, t in self.device.items()
@@ -36,6 +39,9 @@ class StepInputs:
         """One step: plans [requests, 6, slots] in the batch's order (None: nothing steered),
         each request's scheduled token count and the tokens it had computed before the step."""
         n = int(num_scheduled_tokens.sum())
+        if self.active is not None:
+            used = np.flatnonzero((plans[:, P : R + 1] != 0).any(axis=(0, 1))) if plans is not None else []
+            self.active[0] = int(used[-1]) + 1 if len(used) else 0
         for buffer in self.np.values():
             buffer[n : self.filled] = 0
         if plans is None:

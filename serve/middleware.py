@@ -10,8 +10,9 @@
   API key (`--api-key` / VLLM_API_KEY) as vLLM's own endpoints do.
 - Strict types: vLLM's request schema reads `vllm_xargs` values as `str | int | float`, and
   pydantic turns a JSON `true` into 1 before `extra_args` is built, so `"steering_alpha": true`
-  would arrive as alpha 1. The raw body still tells a boolean from a number: such a request gets
-  HTTP 400 naming the field.
+  would arrive as alpha 1. The parsed body still tells a boolean from a number: such a request
+  gets HTTP 400 naming the field. Requests without the key (401) are answered before their body
+  is read.
 
 Errors use vLLM's own error format (`{"error": {"message", "type", "param", "code"}}`).
 """
@@ -19,6 +20,7 @@ Errors use vLLM's own error format (`{"error": {"message", "type", "param", "cod
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote
 
 from steer_batch.engine.config import REQUEST_PREFIX
 
@@ -26,13 +28,17 @@ VECTORS_PATH = "/v1/steering/vectors"
 
 
 def bool_steering_field(body: bytes) -> str | None:
-    """The first `vllm_xargs` steering_* key whose value is (or holds) a JSON boolean."""
-    if REQUEST_PREFIX.encode() not in body:
+    """The first `vllm_xargs` steering_* key whose value is (or holds) a JSON boolean, decided on
+    the parsed body (a key may be written with escapes, `steering\\u005falpha`). A body that holds
+    neither `steering` nor an escape cannot name such a key and is not parsed; one that is not a
+    JSON object, or nests too deep to parse, is left to vLLM, which answers it with a 400."""
+    if b"steering" not in body and b"\\u" not in body:
         return None
     try:
-        xargs = json.loads(body).get("vllm_xargs")
-    except (ValueError, AttributeError):
-        return None  # not a JSON object: vLLM answers it
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    xargs = parsed.get("vllm_xargs") if isinstance(parsed, dict) else None
     if not isinstance(xargs, dict):
         return None
     for key, value in xargs.items():
@@ -54,27 +60,31 @@ def _error(message: str, status: int, param: str | None = None):
 
 
 def _authorized(request) -> bool:
-    """The server's API key check (vLLM's AuthenticationMiddleware), for our endpoints, which
-    this middleware answers before vLLM's own middleware runs."""
+    """The server's API key check, as vLLM's AuthenticationMiddleware makes it (the key, on the
+    paths it guards), for the requests this middleware answers or reads before vLLM's own
+    middleware runs: an unauthenticated request gets 401 before anything reads its body."""
     from vllm import envs
-    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+    from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
 
     args = request.app.state.args
     tokens = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
-    return not tokens or AuthenticationMiddleware(None, tokens).verify_token(request.headers)
+    path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
+    if not tokens or request.method == "OPTIONS" or not path.startswith(GUARDED_PREFIX):
+        return True
+    return AuthenticationMiddleware(None, tokens).verify_token(request.headers)
 
 
 async def _vectors(request):
     from steer_batch.engine import runtime
 
     engine = request.app.state.engine_client
-    name = request.url.path[len(VECTORS_PATH) :].strip("/")
+    name = unquote(request.url.path[len(VECTORS_PATH) :]).strip("/")  # DELETE /v1/steering/vectors/{name}
     if request.method == "GET" and not name:
         return {"object": "list", "data": runtime.list_vectors(engine)}
     if request.method == "POST" and not name:
         try:
             body = json.loads(await request.body())
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise runtime.RuntimeVectorError(
                 f'the body is not JSON ({e}); send {{"name": ..., "path": ...}}', 400
             ) from None
@@ -92,19 +102,21 @@ async def _vectors(request):
 
 
 async def steering(request, call_next):
+    from fastapi.responses import JSONResponse
+
     path = request.url.path
     if path == VECTORS_PATH or path.startswith(VECTORS_PATH + "/"):
-        from fastapi.responses import JSONResponse
-
         from steer_batch.engine.runtime import RuntimeVectorError
 
-        if request.method != "OPTIONS" and not _authorized(request):
+        if not _authorized(request):
             return JSONResponse({"error": "Unauthorized"}, status_code=401)
         try:
             return JSONResponse(await _vectors(request))
         except RuntimeVectorError as e:
             return _error(str(e), e.status, e.param)
     if request.method == "POST":
+        if not _authorized(request):
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)  # vLLM's answer, before the body is read
         field = bool_steering_field(await request.body())  # Starlette keeps the body for the endpoint
         if field is not None:
             return _error(

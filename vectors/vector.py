@@ -117,59 +117,70 @@ class SteeringVector:
     @classmethod
     def load(cls, path: str | Path) -> SteeringVector:
         """Read and validate a vector file; every problem names the file and the fix."""
-        from safetensors import safe_open
+        return cls.from_bytes(read_file(path), str(path))
 
-        path = Path(path)
-        if not path.is_file():
-            raise MissingFile(f"steering vector file {str(path)!r} does not exist")
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "vector") -> SteeringVector:
+        """Parse and validate the bytes of a vector file (read once, so a file replaced while it
+        is read cannot give one version's metadata and another's tensors); `source` names it."""
+        from safetensors.torch import load as load_tensors
+
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = load_tensors(data)
+            metadata = _header_metadata(data)
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise SteerBatchError(f"{path}: not a readable safetensors file ({e})") from e
+            raise SteerBatchError(f"{source}: not a readable safetensors file ({e})") from e
         missing = [k for k in _REQUIRED_METADATA if k not in metadata]
         if missing:
             raise SteerBatchError(
-                f"{path}: metadata lacks {missing}; a steer-batch vector file has {list(_REQUIRED_METADATA)}"
+                f"{source}: metadata lacks {missing}; a steer-batch vector file has {list(_REQUIRED_METADATA)}"
             )
         if metadata["format_version"] != FORMAT_VERSION:
             raise SteerBatchError(
-                f"{path}: format_version {metadata['format_version']!r}; this steer-batch reads {FORMAT_VERSION!r}"
+                f"{source}: format_version {metadata['format_version']!r}; this steer-batch reads {FORMAT_VERSION!r}"
             )
-        directions = {}
-        for key, t in tensors.items():
+        directions, keys = {}, {}
+        for key, t in sorted(tensors.items()):
             m = _LAYER_KEY.fullmatch(key)
             if m is None:
-                raise SteerBatchError(f"{path}: tensor {key!r} is not named layers.<i>")
+                raise SteerBatchError(f"{source}: tensor {key!r} is not named layers.<i>")
             if t.dtype != torch.float32 or t.dim() != 1:
                 raise SteerBatchError(
-                    f"{path}: {key} must be a 1-D float32 tensor; found {t.dtype} of shape {list(t.shape)}"
+                    f"{source}: {key} must be a 1-D float32 tensor; found {t.dtype} of shape {list(t.shape)}"
                 )
-            directions[int(m.group(1))] = t
+            layer = int(m.group(1))
+            if layer in keys:
+                raise SteerBatchError(
+                    f"{source}: tensors {keys[layer]!r} and {key!r} are both layer {layer}; keep one (layers.{layer})"
+                )
+            directions[layer], keys[layer] = t, key
         if not directions:
-            raise SteerBatchError(f"{path}: holds no layers.<i> tensors")
-        hidden, num_layers = int(metadata.pop("hidden_size")), int(metadata.pop("num_layers"))
+            raise SteerBatchError(f"{source}: holds no layers.<i> tensors")
+        hidden, num_layers = (_int_field(metadata, k, source) for k in ("hidden_size", "num_layers"))
         vector = cls(
             directions,
             num_layers,
             model=metadata.pop("model"),
             method=metadata.pop("method"),
             concept=metadata.pop("concept"),
-            metadata={k: v for k, v in metadata.items() if k != "format_version"},
+            metadata={k: v for k, v in metadata.items() if k not in ("format_version", "hidden_size", "num_layers")},
         )
-        vector.check_fits(hidden, num_layers, source=str(path))
+        vector.check_fits(hidden, num_layers, source=source)
         return vector
 
-    @classmethod
-    def load_for_model(cls, name: str, path: str | Path, hidden_size: int, num_layers: int) -> SteeringVector:
-        """Load the engine's vector `name` and check it fits the model; errors name both."""
-        try:
-            vector = cls.load(path)
-            vector.check_fits(hidden_size, num_layers, source=str(path))
-        except SteerBatchError as e:
-            raise type(e)(f"steering vector {name!r}: {e}") from None
-        return vector
+    def check_alpha_bound(self, max_abs_alpha: float, dtype: torch.dtype, source: str = "vector") -> None:
+        """Raise naming the layer and the bound when alpha * v could leave `dtype`'s finite range
+        for an alpha the engine allows (|alpha| <= max_abs_alpha): every request using the
+        vector would end in overflow."""
+        limit = torch.finfo(dtype).max
+        for i, d in self.directions.items():
+            norm = float(d.double().norm())
+            if norm * max_abs_alpha > limit:
+                raise SteerBatchError(
+                    f"{source}: layers.{i} has norm {norm:.3g}; times the engine's max_abs_alpha "
+                    f"{max_abs_alpha:g} that exceeds the largest {str(dtype).removeprefix('torch.')} "
+                    f"({limit:.3g}); rescale the vector, or start the engine with a smaller max_abs_alpha"
+                )
 
     def check_fits(self, hidden_size: int, num_layers: int, source: str = "vector") -> None:
         """Raise ValueError naming the layer, expected and found when this vector cannot steer
@@ -187,3 +198,33 @@ class SteeringVector:
         return (
             f"SteeringVector(concept={self.concept!r}, method={self.method!r}, model={self.model!r}, norms={{{norms}}})"
         )
+
+
+def read_file(path: str | Path) -> bytes:
+    """A vector file's bytes; a missing, unreadable or unnameable path is a one-line error."""
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise MissingFile(f"steering vector file {str(path)!r} does not exist") from None
+    except OSError as e:  # a directory, a name too long for the filesystem, no permission
+        raise SteerBatchError(f"steering vector file {str(path)[:200]!r} cannot be read: {e.strerror}") from None
+    except ValueError as e:  # a NUL byte in the path
+        raise SteerBatchError(f"steering vector file {str(path)[:200]!r} cannot be read: {e}") from None
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file: its header is 8 bytes of length, then JSON."""
+    import json
+    import struct
+
+    (size,) = struct.unpack("<Q", data[:8])
+    return dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
+
+
+def _int_field(metadata: dict[str, str], key: str, source: str) -> int:
+    value = metadata.pop(key)
+    try:
+        return int(value)
+    except ValueError:
+        raise SteerBatchError(f"{source}: metadata {key}={value!r} must be an integer") from None

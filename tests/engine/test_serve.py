@@ -3,8 +3,11 @@ chat completions, streamed and not, equal to the HF-hook oracle; vectors added, 
 removed and added again at runtime; the directory rule and the API key; a bounded load test
 mixing good, bad and dropped streams while a vector comes and goes."""
 
+import hashlib
 import json
+import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -17,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from helpers import make_model, make_tokenizer, make_vector, oracle_greedy
@@ -292,3 +296,249 @@ def test_load_with_good_bad_and_dropped_requests_while_a_vector_comes_and_goes(s
         f"\nload: {len(jobs)} requests from 32 clients in {seconds:.1f} s = {len(jobs) / seconds:.1f} req/s; "
         f"latency p50 {statistics.median(latencies):.2f} s, p99 {latencies[int(0.99 * (len(latencies) - 1))]:.2f} s"
     )
+
+
+# -- hardening: every bad input a 4xx naming its field, never a 5xx or a reset --
+
+
+def _raw(url: str, path: str, body: bytes, key: str | None = KEY, method: str = "POST") -> tuple[int | str, dict]:
+    """(status, JSON body) of one raw HTTP request; ("reset", {}) when the connection breaks."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=300)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    try:
+        conn.request(method, path, body, headers)
+        response = conn.getresponse()
+        data = response.read()
+    except (ConnectionError, http.client.HTTPException) as e:
+        return "reset", {"error": repr(e)}
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, {"raw": data.decode(errors="replace")}
+
+
+def _completion_body(xargs: dict, stream: bool = False, model: str = "") -> bytes:
+    """A completion request's body (`model` empty: the server's only model, as vLLM allows)."""
+    body = {"prompt": "Hi", "max_tokens": 2, "ignore_eos": True, "stream": stream, "vllm_xargs": xargs}
+    return json.dumps({**body, **({"model": model} if model else {})}).encode()
+
+
+def test_unauthenticated_requests_get_401_before_their_body_is_read(server):
+    url = server[0]
+    deep = b'{"prompt": "Hi", "vllm_xargs": {"steering_alpha": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}"
+    boolean = _completion_body({"steering_vector": "a", "steering_alpha": True})
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/steering/vectors"):
+        for body in (deep, boolean):
+            assert _raw(url, path, body, key=None)[0] == 401, path
+            assert _raw(url, path, body, key="wrong")[0] == 401, path
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/steering/vectors"):
+        status, _ = _raw(url, path, deep)
+        assert status == 400, (path, status)  # vLLM's (or our) answer to JSON it cannot use, not a 500
+
+
+def test_escaped_steering_keys_are_read_as_what_they_parse_to(server):
+    url = server[0]
+    xargs = b'{"steering\\u005fvector": "a", "steering\\u005falpha": true}'
+    body = b'{"prompt": "Hi", "max_tokens": 2, "vllm_xargs": ' + xargs + b"}"
+    status, answer = _raw(url, "/v1/completions", body)
+    assert status == 400 and answer["error"]["param"] == "steering_alpha"
+
+
+def test_every_name_that_can_be_added_can_be_deleted(setup, server):
+    from urllib.parse import quote
+
+    _, _, _, allowed = setup
+    url = server[0]
+    names = ["AZ", "az09", "a.b", "a_b", "a-b", "a@b", "@x", "_", "-", "9", "N" * 64, "a.b_c-d@e.0"]
+    for name in names:
+        status, added = _vectors(url, "POST", {"name": name, "path": str(allowed / "b.safetensors")})
+        assert status == 200, (name, added)
+        assert _vectors(url, "DELETE", name=quote(name, safe="")) == (200, {"name": name, "deleted": True}), name
+    for bad in ("q?x#y", "a\nb", "a\tb", ".x", "..", "a/b", "a b", "N" * 65, "é", "", 7, None):
+        status, body = _vectors(url, "POST", {"name": bad, "path": str(allowed / "b.safetensors")})
+        assert status == 400 and body["error"]["param"] == "name", (bad, status, body)
+        assert "a vector name is 1 to 64 letters" in body["error"]["message"]
+    assert [v["name"] for v in _vectors(url)[1]["data"]] == ["a"]
+
+
+def test_bad_vector_files_get_4xx_naming_the_problem(setup, server):
+    from safetensors.torch import save_file
+
+    _, _, vectors, allowed = setup
+    url = server[0]
+    for length in (300, 8000):
+        status, body = _vectors(url, "POST", {"name": "x", "path": str(allowed / ("x" * length))})
+        assert status == 400 and body["error"]["param"] == "path", (length, status)
+    meta = {"model": "m", "hidden_size": "128", "num_layers": "4", "method": "x", "concept": "c", "format_version": "1"}
+    cases = {
+        "dup.safetensors": ({"layers.1": torch.ones(128), "layers.01": torch.ones(128)}, meta,
+                            r"'layers.01' and 'layers.1' are both layer 1"),
+        "abc.safetensors": ({"layers.1": torch.ones(128)}, {**meta, "hidden_size": "abc"},
+                            r"metadata hidden_size='abc' must be an integer"),
+        "huge.safetensors": ({"layers.2": torch.full((128,), 3e38)}, meta,
+                             r"layers.2 has norm 3.39e\+39; times the engine's max_abs_alpha 1000 that exceeds"),
+    }  # fmt: skip
+    for file, (tensors, metadata, message) in cases.items():
+        save_file(tensors, allowed / file, metadata=metadata)
+        status, body = _vectors(url, "POST", {"name": "x", "path": str(allowed / file)})
+        assert status == 400 and body["error"]["param"] == "path", (file, status, body)
+        assert re.search(message, body["error"]["message"]), body["error"]["message"]
+    # A file swapped while it is being added: each add sees one whole version, or a 4xx.
+    swap = allowed / "swap.safetensors"
+    versions = {}
+    for name, v in (("b", vectors["b"]), ("c", vectors["c"])):
+        v.save(allowed / f"swap-{name}.safetensors")
+        versions[(allowed / f"swap-{name}.safetensors").read_bytes()] = name
+    shas = {hashlib.sha256(data).hexdigest() for data in versions}
+    stop = threading.Event()
+
+    def swapper():
+        while not stop.is_set():
+            for data in versions:
+                tmp = allowed / ".swap.tmp"
+                tmp.write_bytes(data)
+                os.replace(tmp, swap)
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    try:
+        outcomes = []
+        for _ in range(20):
+            status, body = _vectors(url, "POST", {"name": "swapped", "path": str(swap)})
+            outcomes.append(status)
+            if status == 200:
+                assert body["sha256"] in shas
+                assert _vectors(url, "DELETE", name="swapped")[0] == 200
+            else:
+                assert status in (400, 409), (status, body)
+    finally:
+        stop.set()
+        thread.join()
+    assert outcomes.count(200) >= 10, outcomes
+    assert [v["name"] for v in _vectors(url)[1]["data"]] == ["a"]
+
+
+def test_a_streamed_bad_spec_is_an_error_event_and_null_is_a_400(server):
+    url = server[0]
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}/v1/completions",
+        _completion_body({"steering_vector": "nope", "steering_alpha": 1}, stream=True),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    with urllib.request.urlopen(request, timeout=300) as r:
+        assert r.status == 200
+        events = [json.loads(line[6:]) for line in r.read().decode().splitlines() if line.startswith("data: {")]
+    errors = [e["error"] for e in events if "error" in e]
+    assert len(errors) == 1 and errors[0]["code"] == 400 and errors[0]["param"] == "steering_vector", events
+    status, body = _raw(url, "/v1/completions", _completion_body({"steering_vector": "a", "steering_alpha": None}))
+    assert status == 400 and "steering_alpha" in body["error"]["param"], body
+
+
+# -- a seeded fuzz of steering specs and runtime-vector requests against the same server --
+
+KEYS = ["steering_vector", "steering_alpha", "steering_op", "steering_scope", "steering_positions"]
+ODD = [None, True, False, 0, 1, -1, 3, 2**31, 2**63, -(2**70), 0.0, 0.5, -2.5, 1e308, -1e-300, 1e30, 999.9, 1000,
+       1000.5, "", "a", "b", "nope", "add", "ablate", "clamp", "all", "prompt", "generated", "1.5", "x" * 5000,
+       "\u0000", "é", [], ["a"], ["a", "a"], ["a"] * 5, [1.0, 2.0], [True], [0, -1], [0, 4], [3, 2], [-1, 5],
+       [0, 2**63], [[0]], {}, {"a": 1}]  # fmt: skip
+
+
+def _invalid_fields(xargs: dict) -> set[str]:
+    """The steering fields the README's spec table refuses in `xargs` (empty: a valid spec),
+    written from the README, independently of engine/config.py."""
+    steer = {k: v for k, v in xargs.items() if k.startswith("steering_")}
+    if not steer:
+        return set()
+
+    def scalar(v):
+        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+    bad = {k for k, v in steer.items() if not (scalar(v) or (isinstance(v, list) and all(map(scalar, v))))}
+    bad |= {k for k in steer if k not in KEYS}
+    if bad:
+        return bad  # the schema or the key itself refuses these, whatever the rest says
+    bad |= {k for k in ("steering_vector", "steering_alpha") if k not in steer}
+    names = steer.get("steering_vector")
+    names = names if isinstance(names, list) else [names]
+    if "steering_vector" in steer and not (1 <= len(names) <= 4 and all(n == "a" for n in names)):
+        bad.add("steering_vector")
+    count = len(names)
+
+    def entries(key):
+        v = steer[key]
+        return v if isinstance(v, list) else [v] * count
+
+    for key, ok in (
+        ("steering_alpha", lambda a: isinstance(a, (int, float)) and abs(a) <= 1000),
+        ("steering_op", lambda o: o in ("add", "ablate", "clamp")),
+        ("steering_scope", lambda s: s in ("all", "prompt", "generated")),
+    ):
+        if key in steer and (len(entries(key)) != count or not all(map(ok, entries(key)))):
+            bad.add(key)
+    if "steering_positions" in steer:
+        p = steer["steering_positions"]
+        ints = isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p)
+        if not (ints and p[0] >= 0 and (p[1] == -1 or p[1] > p[0])):
+            bad.add("steering_positions")
+    return bad
+
+
+def _fuzz_xargs(rng: random.Random) -> dict:
+    xargs = {}
+    for key in rng.sample(KEYS, rng.randint(0, len(KEYS))):
+        xargs[key] = rng.choice(ODD)
+    if rng.random() < 0.5:  # often a mostly good spec with one field gone odd
+        xargs.update({"steering_vector": "a", "steering_alpha": rng.choice([-2.0, 0.0, 1.5, 4])})
+        key = rng.choice(KEYS + ["steering_bogus", "steering_"])
+        xargs[key] = rng.choice(ODD)
+    return xargs
+
+
+def test_fuzz_every_answer_is_allowed_or_a_4xx_naming_the_field(setup, server, client):
+    _, _, _, allowed = setup
+    url = server[0]
+    rng = random.Random(1234)
+    good = [("Well,", None), ("Our team", steering("a", 2.0)), ("It is", steering("a", -1.5, "ablate", "generated"))]
+    reference = {prompt: _complete(client, prompt, spec) for prompt, spec in good}
+    start, counts = time.monotonic(), {}
+    for i in range(300):
+        if i % 100 == 0:  # the good requests still answer as before
+            assert {p: _complete(client, p, s) for p, s in good} == reference, f"after {i} fuzz requests"
+        if rng.random() < 0.15:  # a runtime-vector request with odd fields
+            body = {
+                k: rng.choice(ODD + [str(allowed / "b.safetensors"), "fz"]) for k in rng.sample(["name", "path"], 2)
+            }
+            status, answer = _vectors(
+                url, rng.choice(["POST", "POST", "DELETE", "GET"]), body, name=rng.choice(["", "fz"])
+            )
+            assert isinstance(status, int) and status < 500, (body, status, answer)
+            if status == 200 and answer.get("name") == "fz" and "deleted" not in answer:
+                assert _vectors(url, "DELETE", name="fz")[0] == 200
+            counts[status] = counts.get(status, 0) + 1
+            continue
+        xargs, stream = _fuzz_xargs(rng), rng.random() < 0.3
+        bad = _invalid_fields(xargs)
+        status, answer = _raw(url, "/v1/completions", _completion_body(xargs, stream))
+        counts[status] = counts.get(status, 0) + 1
+        assert status in (200, 400), (xargs, stream, status, answer)
+        error = answer.get("error")
+        if stream and status == 200:
+            events = [json.loads(line[6:]) for line in answer["raw"].splitlines() if line.startswith("data: {")]
+            error = next((e["error"] for e in events if "error" in e), None)
+        if not bad:
+            assert error is None, (xargs, error)
+        else:
+            assert error is not None, (xargs, bad, answer)
+            assert any(field in (error.get("param") or "") for field in bad), (xargs, bad, error)
+    seconds = time.monotonic() - start
+    assert seconds < 120, f"the fuzz is bounded: {seconds:.0f} s"
+    assert {p: _complete(client, p, s) for p, s in good} == reference
+    assert server[1].poll() is None and [v["name"] for v in _vectors(url)[1]["data"]] == ["a"]
+    print(f"\nfuzz: 300 requests in {seconds:.1f} s, statuses {sorted(counts.items(), key=str)}")

@@ -15,6 +15,7 @@ def test_engines_up_at_once_share_the_gpu(monkeypatch, engines):
     assert args["enable_prefix_caching"] is False and args["enforce_eager"] is False
 
 
-def test_on_cpu_the_engines_keep_make_llms_defaults(monkeypatch):
+def test_on_cpu_each_engine_gets_a_kv_cache_of_its_own_size(monkeypatch):
     monkeypatch.setattr(launch, "on_cpu", lambda: True)
-    assert "gpu_memory_utilization" not in bench_engine_args(eager=True, engines=2)
+    args = bench_engine_args(eager=True, engines=4)
+    assert "gpu_memory_utilization" not in args and args["kv_cache_memory_bytes"] == 2 << 30

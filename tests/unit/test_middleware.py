@@ -25,3 +25,20 @@ def test_bool_steering_field(body, field):
 
 def test_not_json_is_left_to_vllm():
     assert bool_steering_field(b"steering_alpha=true") is None
+
+
+def test_escaped_keys_are_read_as_the_parsed_body_reads_them():
+    """`steering\\u005falpha` is `steering_alpha` once parsed: the raw bytes never hold `steering_`."""
+    for raw in (
+        rb'{"vllm_xargs": {"steering\u005fvector": "a", "steering\u005falpha": true}}',
+        rb'{"vllm_xargs": {"\u0073teering_vector": "a", "\u0073teering_alpha": [false]}}',
+        rb'{"vllm\u005fxargs": {"steering_vector": "a", "steering_alpha": true}}',
+    ):
+        assert b"steering_" not in raw or b"vllm_xargs" not in raw
+        assert bool_steering_field(raw) in ("steering_alpha", "\u0073teering_alpha")
+
+
+def test_a_body_nested_too_deep_is_left_to_vllm():
+    deep = b'{"vllm_xargs": {"steering_alpha": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}"
+    assert bool_steering_field(deep) is None
+    assert bool_steering_field(b"[" * 100_000) is None

@@ -225,3 +225,18 @@ def test_the_alpha_bound_is_inclusive_and_configurable():
 def test_steering_request_to_an_engine_without_steering():
     with pytest.raises(SteeringRequestError, match="started without steering"):
         parse_request({"steering_vector": "happy", "steering_alpha": 1}, None)
+
+
+def test_vector_names_follow_one_rule_for_start_up_and_runtime():
+    import string
+
+    from steer_batch.engine.config import check_vector_name
+
+    for name in ("happy", "a", "v1.2", "user@team", "x_y-z", "9", "A" * 64, string.ascii_letters[:30] + "._-@09"):
+        assert check_vector_name(name, "name", "name") == name
+        SteeringConfig.from_additional_config({"steering": {"vectors": {name: "f.safetensors"}}})
+    for bad in ("", ".hidden", "q?x#y", "a\nb", "a\tb", "a/b", "a b", "%41", "A" * 65, "é", None, 3):
+        with pytest.raises(ValueError, match=r"a vector name is 1 to 64 letters, digits, '.', '_', '-' or '@'"):
+            check_vector_name(bad, "name", "name")
+        with pytest.raises(ValueError, match=r"a vector name is"):
+            SteeringConfig.from_additional_config({"steering": {"vectors": {bad: "f.safetensors"}}})

@@ -95,3 +95,51 @@ def test_load_refuses_foreign_files(tmp_path):
         SteeringVector.load(p)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SteeringVector.load(tmp_path / "missing.safetensors")
+
+
+def _meta(**change):
+    return {"model": "m", "hidden_size": "8", "num_layers": "4", "method": "x", "concept": "c",
+            "format_version": "1", **change}  # fmt: skip
+
+
+def test_two_keys_for_one_layer_are_refused_naming_both(tmp_path):
+    save_file({"layers.8": torch.ones(8), "layers.08": torch.zeros(8)}, tmp_path / "v.safetensors",
+              metadata=_meta(num_layers="10"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"tensors 'layers.08' and 'layers.8' are both layer 8; keep one"):
+        SteeringVector.load(tmp_path / "v.safetensors")
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_layers"])
+def test_non_integer_metadata_names_the_field(tmp_path, field):
+    save_file({"layers.1": torch.ones(8)}, tmp_path / "v.safetensors", metadata=_meta(**{field: "abc"}))
+    with pytest.raises(ValueError, match=rf"metadata {field}='abc' must be an integer"):
+        SteeringVector.load(tmp_path / "v.safetensors")
+
+
+def test_unreadable_paths_are_one_line_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot be read: File name too long"):
+        SteeringVector.load(tmp_path / ("x" * 300))
+    with pytest.raises(ValueError, match=r"cannot be read: Is a directory"):
+        SteeringVector.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        SteeringVector.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    "dtype, norm, bound, ok",
+    [
+        (torch.float32, 3e35, 1000.0, True),
+        (torch.float32, 3e36, 1000.0, False),
+        (torch.bfloat16, 3e35, 1000.0, True),
+        (torch.float16, 60.0, 1000.0, True),
+        (torch.float16, 70.0, 1000.0, False),
+        (torch.float32, float("inf"), 1.0, False),  # entries near 3e38: the norm overflows float32
+    ],
+)
+def test_a_vector_that_would_overflow_the_engines_dtype_is_refused(dtype, norm, bound, ok):
+    v = SteeringVector({2: torch.tensor([3e38, 3e38]) if norm == float("inf") else torch.tensor([norm, 0.0])}, 4)
+    if ok:
+        v.check_alpha_bound(bound, dtype, source="v")
+    else:
+        with pytest.raises(ValueError, match=r"v: layers.2 has norm .* times the engine's max_abs_alpha .* exceeds"):
+            v.check_alpha_bound(bound, dtype, source="v")

@@ -11,7 +11,8 @@
 - Strict types: vLLM's request schema reads `vllm_xargs` values as `str | int | float`, and
   pydantic turns a JSON `true` into 1 before `extra_args` is built, so `"steering_alpha": true`
   would arrive as alpha 1. The parsed body still tells a boolean from a number: such a request
-  gets HTTP 400 naming the field. Requests without the key (401) are answered before their body
+  gets HTTP 400 naming the field, as does an integer outside 64 bits (which vLLM would refuse
+  naming only `extra_args`). Requests without the key (401) are answered before their body
   is read.
 
 Errors use vLLM's own error format (`{"error": {"message", "type", "param", "code"}}`).
@@ -27,11 +28,13 @@ from steer_batch.engine.config import REQUEST_PREFIX
 VECTORS_PATH = "/v1/steering/vectors"
 
 
-def bool_steering_field(body: bytes) -> str | None:
-    """The first `vllm_xargs` steering_* key whose value is (or holds) a JSON boolean, decided on
-    the parsed body (a key may be written with escapes, `steering\\u005falpha`). A body that holds
-    neither `steering` nor an escape cannot name such a key and is not parsed; one that is not a
-    JSON object, or nests too deep to parse, is left to vLLM, which answers it with a 400."""
+def steering_type_error(body: bytes) -> tuple[str, str] | None:
+    """(field, message) for the first `vllm_xargs` steering_* value that vLLM's request schema
+    would take but misread: a JSON boolean (read as 1 or 0) or an integer outside 64 bits (which
+    vLLM refuses naming only `extra_args`). Decided on the parsed body (a key may be written with
+    escapes, `steering\\u005falpha`); a body that holds neither `steering` nor an escape cannot
+    name such a key and is not parsed; one that is not a JSON object, or nests too deep to
+    parse, is left to vLLM, which answers it with a 400."""
     if b"steering" not in body and b"\\u" not in body:
         return None
     try:
@@ -42,9 +45,16 @@ def bool_steering_field(body: bytes) -> str | None:
     if not isinstance(xargs, dict):
         return None
     for key, value in xargs.items():
-        values = value if isinstance(value, list) else [value]
-        if key.startswith(REQUEST_PREFIX) and any(isinstance(v, bool) for v in values):
-            return key
+        if not key.startswith(REQUEST_PREFIX):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool):
+                return key, (
+                    f"{key}: a JSON boolean is not allowed here (vLLM's request schema would read true as 1); "
+                    "send a number or a string"
+                )
+            if isinstance(v, int) and not -(2**63) <= v < 2**64:
+                return key, f"{key}: integers must be between -2**63 and 2**64 - 1"
     return None
 
 
@@ -117,12 +127,7 @@ async def steering(request, call_next):
     if request.method == "POST":
         if not _authorized(request):
             return JSONResponse({"error": "Unauthorized"}, status_code=401)  # vLLM's answer, before the body is read
-        field = bool_steering_field(await request.body())  # Starlette keeps the body for the endpoint
-        if field is not None:
-            return _error(
-                f"{field}: a JSON boolean is not allowed here (vLLM's request schema would read true as 1); "
-                "send a number or a string",
-                400,
-                field,
-            )
+        found = steering_type_error(await request.body())  # Starlette keeps the body for the endpoint
+        if found is not None:
+            return _error(found[1], 400, found[0])
     return await call_next(request)

@@ -457,8 +457,10 @@ def _invalid_fields(xargs: dict) -> set[str]:
     if not steer:
         return set()
 
-    def scalar(v):
-        return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+    def scalar(v):  # what vLLM's schema takes and reads as sent (64-bit integers, no booleans)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return -(2**63) <= v < 2**64
+        return isinstance(v, (str, float))
 
     bad = {k for k, v in steer.items() if not (scalar(v) or (isinstance(v, list) and all(map(scalar, v))))}
     bad |= {k for k in steer if k not in KEYS}

@@ -5,7 +5,12 @@ import json
 
 import pytest
 
-from steer_batch.serve.middleware import bool_steering_field
+from steer_batch.serve.middleware import steering_type_error
+
+
+def bool_steering_field(body: bytes) -> str | None:
+    found = steering_type_error(body)
+    return found[0] if found else None
 
 
 @pytest.mark.parametrize(
@@ -42,3 +47,14 @@ def test_a_body_nested_too_deep_is_left_to_vllm():
     deep = b'{"vllm_xargs": {"steering_alpha": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}"
     assert bool_steering_field(deep) is None
     assert bool_steering_field(b"[" * 100_000) is None
+
+
+def test_integers_beyond_64_bits_are_named():
+    for value in (2**64, -(2**63) - 1, [1, 2**70]):
+        body = json.dumps({"vllm_xargs": {"steering_vector": "a", "steering_positions": value}}).encode()
+        assert steering_type_error(body) == (
+            "steering_positions",
+            "steering_positions: integers must be between -2**63 and 2**64 - 1",
+        )
+    ok = json.dumps({"vllm_xargs": {"steering_positions": [0, 2**64 - 1], "other": 2**70}}).encode()
+    assert steering_type_error(ok) is None

@@ -122,6 +122,23 @@ def make_vector(model_dir: Path, layers: list[int], seed: int, scale: float = 1.
     return SteeringVector(dirs, LAYERS, model=str(model_dir), method="random", concept=f"random{seed}")
 
 
+def spike_vector(layers: tuple[int, ...], value: float, hidden: int = 128) -> SteeringVector:
+    """A vector that is `value` in one coordinate of each of `layers`, nothing else. With
+    `max_abs_alpha` x `value` just under float32's largest value it fits the engine's alpha
+    bound at load, yet at that alpha the residual stream, steered the same way at two layers,
+    sums past float32's range and the request's states turn NaN."""
+    direction = torch.zeros(hidden)
+    direction[0] = value
+    return SteeringVector({i: direction for i in layers}, LAYERS, method="spike", concept="overflow")
+
+
+# The alpha bound the overflow tests raise an engine to: the largest allowed for vectors of norm
+# up to 300 (make_vector's are 11 to 234 on the tiny Llama), so requests whose states overflow
+# still reach the engine. A spike of SPIKE at that bound is 3e38 in one coordinate per layer.
+OVERFLOW_MAX_ABS_ALPHA = 1e36
+SPIKE = 300.0
+
+
 _HF = {}
 
 

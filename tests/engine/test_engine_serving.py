@@ -8,7 +8,18 @@ import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
+from helpers import (
+    OVERFLOW_MAX_ABS_ALPHA,
+    SPIKE,
+    close_llm,
+    generate,
+    make_llm,
+    make_model,
+    make_prompts,
+    make_vector,
+    oracle_greedy,
+    spike_vector,
+)
 from steer_batch import SteeringVector
 from steer_batch.engine import launch
 
@@ -26,17 +37,18 @@ def setup(tmp_path_factory):
     return folder, model_dir, vectors, paths
 
 
-# The bound raised to the largest float32 range so that requests whose states overflow reach
+# The bound raised (helpers.OVERFLOW_MAX_ABS_ALPHA) so that requests whose states overflow reach
 # the engine (the default, 1000, refuses them in the front end).
-MAX_ABS_ALPHA = 3e38
+MAX_ABS_ALPHA = OVERFLOW_MAX_ABS_ALPHA
 
 
 @pytest.fixture(scope="module")
 def llm(setup):
-    _, model_dir, _, paths = setup
+    folder, model_dir, _, paths = setup
+    spike_vector((1, 2), SPIKE).save(folder / "spike.safetensors")
     llm = make_llm(
         model_dir,
-        paths,
+        {**paths, "spike": folder / "spike.safetensors"},
         max_num_batched_tokens=64,
         enable_prefix_caching=True,
         additional_config={"steering": {"max_abs_alpha": MAX_ABS_ALPHA}},
@@ -122,7 +134,7 @@ def test_prefix_cache_never_crosses_steering_settings(setup, llm):
         (
             {"steering_vector": "sad", "steering_alpha": 1.0},
             "steering_vector",
-            r"'sad' is not a vector of this engine; allowed: \['a', 'b'\]",
+            r"'sad' is not a vector of this engine; allowed: \['a', 'b', 'spike'\]",
         ),
         (
             {"steering_vector": "a", "steering_alpha": math.nan},
@@ -152,7 +164,7 @@ def test_prefix_cache_never_crosses_steering_settings(setup, llm):
         (
             {"steering_vector": "a", "steering_alpha": 1e39},
             "steering_alpha",
-            r"steering_alpha=1e\+39 is outside \[-3e\+38, 3e\+38\], this engine's max_abs_alpha",
+            r"steering_alpha=1e\+39 is outside \[-1e\+36, 1e\+36\], this engine's max_abs_alpha",
         ),
     ],
 )
@@ -166,9 +178,14 @@ def test_bad_request_fails_alone(setup, llm, extra, field, message):
     assert _run(llm, prompt, ("b", 1.5))[0] == oracle_greedy(model_dir, prompt, N_TOKENS, vectors["b"], 1.5)
 
 
-# Alphas whose steered states overflow: 3e38 makes the logits NaN, the others saturate the
-# states (the clamp in kernels/steer.py) and make the request's own text degenerate.
-EXTREME = [1e30, -1e30, MAX_ABS_ALPHA, 1e6]
+# Requests whose steered states overflow: the spike makes the logits NaN, the others
+# push the states far out and make the request's own text degenerate.
+EXTREME = [
+    {"steering_vector": "a", "steering_alpha": 1e30},
+    {"steering_vector": "a", "steering_alpha": -1e30},
+    {"steering_vector": "spike", "steering_alpha": MAX_ABS_ALPHA},
+    {"steering_vector": "a", "steering_alpha": 1e6},
+]
 
 
 def test_extreme_requests_change_no_other_request(llm):
@@ -186,9 +203,9 @@ def test_extreme_requests_change_no_other_request(llm):
             max_tokens=N_TOKENS,
             temperature=0.0,
             ignore_eos=True,
-            extra_args={"steering_vector": "a", "steering_alpha": a},
+            extra_args=extra,
         )
-        for a in EXTREME
+        for extra in EXTREME
     ]
     # Longer than any request that follows (one 128-token KV block each on CPU), so a request that
     # gets a freed block later always reads slots the extreme one wrote.

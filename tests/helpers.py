@@ -129,7 +129,7 @@ def spike_vector(layers: tuple[int, ...], value: float, hidden: int = 128) -> St
     sums past float32's range and the request's states turn NaN."""
     direction = torch.zeros(hidden)
     direction[0] = value
-    return SteeringVector({i: direction for i in layers}, LAYERS, method="spike", concept="overflow")
+    return SteeringVector({i: direction.clone() for i in layers}, LAYERS, method="spike", concept="overflow")
 
 
 # The alpha bound the overflow tests raise an engine to: the largest allowed for vectors of norm

@@ -83,7 +83,7 @@ def version() -> None:
 
 
 def _parallel(f):
-    """vLLM's parallelism inside the one engine (README, Scaling out)."""
+    """vLLM's parallelism inside the one engine (docs/scaling-out.md)."""
     f = click.option(
         "--pipeline-parallel-size", default=1, show_default=True, type=click.IntRange(1), help="vLLM pipeline stages."
     )(f)
@@ -100,7 +100,7 @@ _eager_option = click.option(
     "--enforce-eager/--compile",
     default=None,
     help="Skip torch.compile, or use it. Default: eager on CPU (on 2 cores compiling costs more start-up "
-    "than it saves: README), compiled on GPU.",
+    "than it saves: docs/benchmarks.md), compiled on GPU.",
 )
 _classifier_option = click.option(
     "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
@@ -572,7 +572,7 @@ def bench_extract_command(model, method):
 )
 @_verbose
 def engine_check_command(model, eager, max_tokens, json_path):
-    """The GPU checks through real vLLM engines (README, GPU): exits 1 when a check fails."""
+    """The GPU checks through real vLLM engines (docs/gpu.md): exits 1 when a check fails."""
     from steer_batch.jobs.engine_check import engine_check
 
     if not engine_check(model, eager, max_tokens, json_path)["passed"]:

@@ -98,7 +98,7 @@ def prepare_engine_config(vllm_config) -> None:
                 f"this engine has {parallel.worker_extension_cls!r}"
             )
         parallel.worker_extension_cls = WORKER_EXTENSION
-    # "add" everywhere until kernels/gpu_check.py has passed on a GPU (README, Kernels): the
+    # "add" everywhere until kernels/gpu_check.py has passed on a GPU (docs/gpu.md, Kernels): the
     # fused op's Triton kernel has only run under the interpreter so far.
     steer_op = config.steer_op or "add"
     vllm_config.additional_config[CONFIG_KEY] = {
@@ -136,7 +136,7 @@ def choose_model_runner(vllm_config, original) -> bool:
 
 def check_engine_modes(vllm_config) -> None:
     """Refuse, naming the setting, the vLLM modes whose batches the per-token steering and
-    capture buffers do not follow (README, GPU): they would steer or capture the wrong tokens."""
+    capture buffers do not follow (docs/gpu.md): they would steer or capture the wrong tokens."""
     parallel, sched = vllm_config.parallel_config, vllm_config.scheduler_config
     if vllm_config.use_v2_model_runner:  # engine/hooks.py decides V1 for every steering engine
         raise SteeringNotInstalled("a steering engine was configured for Model Runner V2: the runner hook is missing")

@@ -346,12 +346,12 @@ def run(
 
     model: an HF folder or hub id (default: the embedded SmolLM2-135M-Instruct); vectors: name ->
     vector file (default: {"happy": the cached happy - sad vector, extracted on first use}); op
-    and scope: the steering op and scope of every request (README, the steering spec); prompts:
+    and scope: the steering op and scope of every request (docs/steering-spec.md); prompts:
     a JSON list of strings (default: the 581 RepE sentence beginnings); out: the run folder
     (default runs/<model>-<vectors>-a<alphas>); tensor_parallel_size, pipeline_parallel_size:
     vLLM's parallelism inside each engine; ray: generate through Ray Data LLM on `replicas`
     engines (jobs/ray_data.py); enforce_eager: None = eager on CPU, where compiling costs more
-    start-up than a job of this size wins back (README), compiled on GPU. When the default vector
+    start-up than a job of this size wins back (docs/benchmarks.md), compiled on GPU. When the default vector
     is not cached yet, one engine captures the pairs, gets the vector added at runtime and
     generates (`two_engines=True`: an extraction engine first, then the generation engine, as
     before); sample: use an evenly spaced sample of that many prompts; calibration: what chose

@@ -3,7 +3,7 @@ starts): Triton present, so vLLM's own choice is Model Runner V2, and a platform
 async scheduling and dual-batch overlap as asked (vLLM's CPU platform turns both off). A steering
 engine gets the V1 runner from the start, every engine without steering keeps vLLM's choice, the
 process environment is left alone, and the modes the steering buffers do not follow are refused
-naming their setting. What only a GPU proves is listed in README's GPU section."""
+naming their setting. What only a GPU proves is listed in docs/gpu.md."""
 
 import os
 import types

@@ -30,7 +30,7 @@ import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*
 from steer_batch.engine.config import SteeringConfig, VectorSpec
 from steer_batch.engine.hooks import swap_class
 from steer_batch.errors import SteerBatchError
-from steer_batch.kernels import steer_add
+from steer_batch.kernels import steer_add, steer_add_
 from steer_batch.vectors.vector import SteeringVector, read_file
 
 logger = init_logger(__name__)
@@ -135,7 +135,9 @@ class _SteeredLayer:
     def forward(self, positions, hidden_states, residual, **kwargs):
         hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
         if self.steer_v is not None and self.steer_active is not None:  # CPU: only what the step steers
-            torch.ops.steer_batch.steer_add_(hidden_states, residual, *SteeringState.inputs(self), self.steer_active)
+            # Eager, the function itself: a custom op's dispatch would cost more than the skip saves.
+            add_ = torch.ops.steer_batch.steer_add_ if torch.compiler.is_compiling() else steer_add_
+            add_(hidden_states, residual, *SteeringState.inputs(self), self.steer_active)
         elif self.steer_v is not None:
             hidden_states = steer_add(hidden_states, residual, *SteeringState.inputs(self))
         if self.steer_capture_out is not None:  # the layer's residual-stream output at the capture rows

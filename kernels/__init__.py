@@ -4,6 +4,6 @@
 GPU kernels. Relative imports only: `kernels/gpu_check.py` runs from a bare checkout.
 """
 
-from .steer import fused_add_rms_norm_steer, steer_add
+from .steer import fused_add_rms_norm_steer, steer_add, steer_add_
 
-__all__ = ["fused_add_rms_norm_steer", "steer_add"]
+__all__ = ["fused_add_rms_norm_steer", "steer_add", "steer_add_"]

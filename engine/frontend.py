@@ -61,12 +61,9 @@ def prepare_engine_config(vllm_config) -> None:
     for name, spec in config.vectors.items():
         path = Path(spec.path).expanduser().resolve()
         data = read_file(path)  # read once: the sha256 is of the bytes validated
-        try:
-            vector = SteeringVector.from_bytes(data, str(path))
-            vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=str(path))
-            vector.check_alpha_bound(config.max_abs_alpha, model_config.dtype, source=str(path))
-        except SteerBatchError as e:
-            raise type(e)(f"steering vector {name!r}: {e}") from None
+        vector = SteeringVector.for_model(
+            name, data, str(path), hf.hidden_size, hf.num_hidden_layers, config.max_abs_alpha, model_config.dtype
+        )
         sha = hashlib.sha256(data).hexdigest()
         if spec.sha256 is not None and spec.sha256 != sha:
             raise SteerBatchError(f"{path} (vector {name!r}): sha256 is {sha}; the config expects {spec.sha256}")

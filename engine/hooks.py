@@ -39,14 +39,22 @@ class Patch:
     def name(self) -> str:
         return f"{self.owner.replace(':', '.')}.{self.method}"
 
-    def resolve(self) -> tuple[type, Callable]:
-        """(owner class, the original function: a property's getter for a property)."""
+    def apply(self, version: str) -> None:
+        """Wrap the method (a property's getter, for a property) unless this process did already,
+        after checking its signature."""
         import importlib
 
         module, cls = self.owner.split(":")
         owner = getattr(importlib.import_module(module), cls)
-        original = inspect.getattr_static(owner, self.method)
-        return owner, original.fget if isinstance(original, property) else getattr(owner, self.method)
+        static = inspect.getattr_static(owner, self.method)
+        is_property = isinstance(static, property)
+        original = static.fget if is_property else getattr(owner, self.method)
+        if getattr(original, "_steer_batch", False):
+            return
+        check_signature(self, original, version)
+        wrapper = functools.wraps(original)(self.wrap(original))
+        wrapper._steer_batch = True
+        setattr(owner, self.method, property(wrapper) if is_property else wrapper)
 
 
 def _create_engine_config(original):
@@ -235,11 +243,4 @@ def install() -> None:
     version = vllm.__version__
     check_version(version)
     for patch in PATCHES:
-        owner, original = patch.resolve()
-        if getattr(original, "_steer_batch", False):
-            continue
-        check_signature(patch, original, version)
-        wrapper = functools.wraps(original)(patch.wrap(original))
-        wrapper._steer_batch = True
-        is_property = isinstance(inspect.getattr_static(owner, patch.method), property)
-        setattr(owner, patch.method, property(wrapper) if is_property else wrapper)
+        patch.apply(version)

@@ -183,7 +183,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
                 f"steering vector {name!r}: {spec.path} changed since the engine config was made (sha256 differs); "
                 "start the engine again"
             )
-        vectors[name] = SteeringVector.from_bytes(data, spec.path)
+        vectors[name] = SteeringVector.for_model(name, data, spec.path, hf.hidden_size, hf.num_hidden_layers)
 
     # vLLM's own per-request count of NaN logits (kept on the device under async scheduling),
     # which engine/frontend.py turns into an error finish. Set here, in the worker process while

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from steer_batch.engine.config import VectorSpec, check_vector_name
 from steer_batch.engine.frontend import Registry
@@ -59,24 +60,28 @@ def list_vectors(engine) -> list[dict]:
 def add_vector(llm, name: str, path: str | Path) -> dict:
     """Load the vector file `path` into `llm` (an `LLM` or `LLMEngine`) as `name`; returns its
     listing entry."""
-    registry, spec, row, data = _prepare_add(llm, name, path)
+    registry, add = _prepare_add(llm, name, path)
     try:
-        _engine(llm).collective_rpc("steer_batch_add_vector", args=(name, spec.path, data, spec.sha256, row))
+        _engine(llm).collective_rpc(
+            "steer_batch_add_vector", args=(name, add.spec.path, add.data, add.spec.sha256, add.row)
+        )
     except BaseException:
         _release(registry, name)
         raise
-    return _commit_add(registry, name, spec, row)
+    return _commit_add(registry, name, add)
 
 
 async def add_vector_async(engine_client, name: str, path: str | Path) -> dict:
     """`add_vector` for an `AsyncLLM` (the OpenAI-compatible server's engine client)."""
-    registry, spec, row, data = _prepare_add(engine_client, name, path)
+    registry, add = _prepare_add(engine_client, name, path)
     try:
-        await engine_client.collective_rpc("steer_batch_add_vector", args=(name, spec.path, data, spec.sha256, row))
+        await engine_client.collective_rpc(
+            "steer_batch_add_vector", args=(name, add.spec.path, add.data, add.spec.sha256, add.row)
+        )
     except BaseException:
         _release(registry, name)
         raise
-    return _commit_add(registry, name, spec, row)
+    return _commit_add(registry, name, add)
 
 
 def remove_vector(llm, name: str) -> None:
@@ -116,9 +121,10 @@ def _registry(engine) -> Registry:
     return Registry.of(_engine(engine).input_processor)
 
 
-def _describe(spec: VectorSpec) -> dict:
+def _describe(spec: VectorSpec, vector: SteeringVector | None = None) -> dict:
+    """A listing entry: from `vector` when given (what was loaded), else read from its file."""
     try:
-        vector = SteeringVector.load(spec.path)
+        vector = vector or SteeringVector.load(spec.path)
     except SteerBatchError:  # the file changed or went away since it was loaded: list what is known
         return {
             "layers": list(spec.layers or ()),
@@ -136,17 +142,26 @@ def _describe(spec: VectorSpec) -> dict:
     }
 
 
-def _prepare_add(engine, name: str, path: str | Path) -> tuple[Registry, VectorSpec, int, bytes]:
-    """Validate an addition and reserve its name and bank row; the file's bytes, read once, are
-    what the workers load (a file replaced meanwhile cannot reach them half validated)."""
+class _Addition(NamedTuple):
+    """A validated addition: the file's bytes, read once, are what the workers load and what the
+    listing describes (a file replaced meanwhile cannot reach them half validated)."""
+
+    spec: VectorSpec
+    row: int
+    data: bytes
+    vector: SteeringVector
+
+
+def _prepare_add(engine, name: str, path: str | Path) -> tuple[Registry, _Addition]:
+    """Validate an addition and reserve its name and bank row."""
     registry = _registry(engine)
     with registry.lock:
-        spec, row, data = _check_add(engine, registry, name, path)
-        registry.rows[name] = row  # reserved: no other addition takes the name or the row
-    return registry, spec, row, data
+        add = _check_add(engine, registry, name, path)
+        registry.rows[name] = add.row  # reserved: no other addition takes the name or the row
+    return registry, add
 
 
-def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple[VectorSpec, int, bytes]:
+def _check_add(engine, registry: Registry, name: str, path: str | Path) -> _Addition:
     config = registry.config
     if config is None or not config.runtime_vectors:
         raise RuntimeVectorError(
@@ -191,11 +206,11 @@ def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple
     hf = model_config.hf_text_config
     try:
         data = read_file(resolved)
-        vector = SteeringVector.from_bytes(data, str(resolved))
-        vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=str(resolved))
-        vector.check_alpha_bound(config.max_abs_alpha, model_config.dtype, source=str(resolved))
+        vector = SteeringVector.for_model(
+            name, data, str(resolved), hf.hidden_size, hf.num_hidden_layers, config.max_abs_alpha, model_config.dtype
+        )
     except SteerBatchError as e:
-        raise RuntimeVectorError(f"steering vector {name!r}: {e}", 400, "path") from None
+        raise RuntimeVectorError(str(e), 400, "path") from None
     outside = sorted(set(vector.layers) - set(config.layers))
     if outside:
         raise RuntimeVectorError(
@@ -204,14 +219,15 @@ def _check_add(engine, registry: Registry, name: str, path: str | Path) -> tuple
             400,
             "path",
         )
-    return VectorSpec(str(resolved), hashlib.sha256(data).hexdigest(), tuple(vector.layers)), free[0], data
+    spec = VectorSpec(str(resolved), hashlib.sha256(data).hexdigest(), tuple(vector.layers))
+    return _Addition(spec, free[0], data, vector)
 
 
-def _commit_add(registry: Registry, name: str, spec: VectorSpec, row: int) -> dict:
+def _commit_add(registry: Registry, name: str, add: _Addition) -> dict:
     """The workers hold the vector: requests may name it from now on."""
     with registry.lock:
-        registry.config = dataclasses.replace(registry.config, vectors={**registry.config.vectors, name: spec})
-    return {"name": name, "row": row, **_describe(spec)}
+        registry.config = dataclasses.replace(registry.config, vectors={**registry.config.vectors, name: add.spec})
+    return {"name": name, "row": add.row, **_describe(add.spec, add.vector)}
 
 
 def _withdraw(engine, name: str) -> tuple[Registry, VectorSpec]:

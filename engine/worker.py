@@ -36,8 +36,7 @@ class SteeringWorkerExtension:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise SteerBatchError(f"steering vector {name!r}: the bytes sent for {path} do not match their sha256")
         hf = self.model_runner.vllm_config.model_config.hf_text_config
-        vector = SteeringVector.from_bytes(data, path)
-        vector.check_fits(hf.hidden_size, hf.num_hidden_layers, source=path)
+        vector = SteeringVector.for_model(name, data, path, hf.hidden_size, hf.num_hidden_layers)
         self._steering().write(name, row, vector, path)
 
     def steer_batch_remove_vector(self, name: str) -> None:

@@ -24,7 +24,7 @@ from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST
 DISTINCT_ALPHAS = (1, 3, 64, 256)
 
 
-def _spread(distinct: int) -> np.ndarray:
+def spread(distinct: int) -> np.ndarray:
     return np.linspace(-4.0, 4.0, distinct) if distinct > 1 else np.array([4.0])
 
 
@@ -35,17 +35,15 @@ def _configurations(num_prompts: int) -> dict[str, list[dict | None]]:
     configs: dict[str, list[dict | None]] = {"unsteered": [None] * num_prompts}
     for k in (k for k in DISTINCT_ALPHAS if k <= num_prompts):
         configs[f"{k} alpha{'s' if k > 1 else ''}"] = [
-            steering("v", float(_spread(k)[i % k])) for i in range(num_prompts)
+            steering("v", float(spread(k)[i % k])) for i in range(num_prompts)
         ]
     if num_prompts >= 256:
-        a = _spread(256)
+        a = spread(256)
         configs["256 two-vector specs"] = [
             steering(("v", float(a[i % 256])), ("w", float(a[-1 - i % 256]))) for i in range(num_prompts)
         ]
     configs["ablate, every layer"] = [steering("v", 1.0, "ablate")] * num_prompts
-    configs["generated only"] = [
-        steering("v", float(_spread(3)[i % 3]), "add", "generated") for i in range(num_prompts)
-    ]
+    configs["generated only"] = [steering("v", float(spread(3)[i % 3]), "add", "generated") for i in range(num_prompts)]
     return configs
 
 
@@ -53,7 +51,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _random_vector(model_dir: Path, seed: int = 0):
+def random_vector(model_dir: Path, seed: int = 0):
     """A random unit direction on every layer: throughput does not depend on what it means."""
     import torch
     from transformers import AutoConfig
@@ -69,7 +67,7 @@ def _random_vector(model_dir: Path, seed: int = 0):
     return SteeringVector(dirs, config.num_hidden_layers, model=str(model_dir), method="random", concept="bench")
 
 
-def _vllm_tok_s(llm, prompts: list[str], extra_args: list[dict | None], max_tokens: int) -> float:
+def vllm_tok_s(llm, prompts: list[str], extra_args: list[dict | None], max_tokens: int) -> float:
     from vllm import SamplingParams
 
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=a) for a in extra_args]
@@ -141,7 +139,7 @@ def bench(
     model_dir = resolve_model(model)
     beginnings = sentence_beginnings()
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
-    vectors = {"v": _random_vector(model_dir, seed=0), "w": _random_vector(model_dir, seed=1)}
+    vectors = {"v": random_vector(model_dir, seed=0), "w": random_vector(model_dir, seed=1)}
     configs = _configurations(num_prompts)
     others = [k for k in slots if k != DEFAULT_MAX_VECTORS_PER_REQUEST]
     engine_args = bench_engine_args(eager, engines=1 + len(others) + stock)
@@ -168,18 +166,18 @@ def bench(
                 engines["stock"] = make_llm(model_dir, **engine_args)
             runs += [("stock vLLM", engines["stock"], configs["unsteered"])] if stock else []
             for _, llm, args in runs:  # warm-up
-                _vllm_tok_s(llm, prompts[:8], args[:8], max_tokens)
+                vllm_tok_s(llm, prompts[:8], args[:8], max_tokens)
             for r in range(rounds):
                 # Rotate the order each round: whichever runs first after a pause tends to be slower.
                 for name, llm, args in runs[r % len(runs) :] + runs[: r % len(runs)]:
-                    tok_s.setdefault(name, []).append(_vllm_tok_s(llm, prompts, args, max_tokens))
+                    tok_s.setdefault(name, []).append(vllm_tok_s(llm, prompts, args, max_tokens))
                     _log(f"round {r + 1}/{rounds} {name:>20}: {tok_s[name][-1]:8.1f} tok/s")
         finally:
             for llm in engines.values():
                 close_llm(llm)
     results = {name: max(values) for name, values in tok_s.items()}
     if hf:
-        alphas = [float(_spread(3)[i % 3]) for i in range(num_prompts)]
+        alphas = [float(spread(3)[i % 3]) for i in range(num_prompts)]
         device = "cpu" if on_cpu() else "cuda"
         results["HF + hooks"] = _hf_tok_s(
             model_dir, vectors["v"], prompts, alphas, max_tokens, num_prompts, device, dtype
@@ -249,7 +247,7 @@ def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_token
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         vector = Path(tmp) / "v.safetensors"
-        _random_vector(model_dir).save(vector)
+        random_vector(model_dir).save(vector)
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps(prompts))
         spec = RunSpec(

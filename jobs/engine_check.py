@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +60,6 @@ def _generate(llm, prompts: list[str], extra_args: list, max_tokens: int, logpro
     return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
 
 
-def _tok_s(llm, prompts: list[str], extra_args: list, max_tokens: int) -> float:
-    start = time.perf_counter()
-    outs = _generate(llm, prompts, extra_args, max_tokens)
-    return sum(len(tokens) for tokens, _ in outs) / (time.perf_counter() - start)
-
-
 def engine_check(
     model: str | Path | None = None, eager: bool = False, max_tokens: int = 16, json_path: Path | None = None
 ) -> dict:
@@ -80,7 +73,7 @@ def engine_check(
     from steer_batch.engine.capture import capture_states
     from steer_batch.engine.launch import close_llm, make_llm, on_cpu
     from steer_batch.engine.runtime import add_vector
-    from steer_batch.jobs.bench import _random_vector
+    from steer_batch.jobs.bench import random_vector, spread, vllm_tok_s
     from steer_batch.jobs.extract import hf_last_token_states
     from steer_batch.jobs.models import resolve_model
 
@@ -98,7 +91,7 @@ def engine_check(
     mixed = [None if a is None else steering("v", a) for a in (alphas * len(flat))[: len(flat)]]
     engine = dict(enforce_eager=eager, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        vector = _random_vector(model_dir)
+        vector = random_vector(model_dir)
         vector.directions = {i: d * 4 for i, d in vector.directions.items() if i in layers}
         path = Path(tmp) / "v.safetensors"
         vector.save(path)
@@ -106,7 +99,7 @@ def engine_check(
         _log("stock vLLM (its own runner choice)")
         llm = make_llm(model_dir, **engine)
         stock = [_generate(llm, g, [None] * len(g), max_tokens) for g in groups]
-        tok_s["stock vLLM (default runner)"] = _tok_s(llm, many, [None] * 256, max_tokens)
+        tok_s["stock vLLM (default runner)"] = vllm_tok_s(llm, many, [None] * 256, max_tokens)
         runner_v2 = llm.llm_engine.vllm_config.use_v2_model_runner
         close_llm(llm)
         if gpu and runner_v2:
@@ -116,7 +109,7 @@ def engine_check(
                 llm = make_llm(model_dir, **engine)
             finally:
                 del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
-            tok_s["stock vLLM, V1 runner"] = _tok_s(llm, many, [None] * 256, max_tokens)
+            tok_s["stock vLLM, V1 runner"] = vllm_tok_s(llm, many, [None] * 256, max_tokens)
             close_llm(llm)
 
         _log("steering engine")
@@ -142,9 +135,9 @@ def engine_check(
         outs = _generate(llm, flat[:12], overflow, max_tokens)
         others = all(o == t for o, t in zip(outs[1:], together[1:12]))
         checks.add("an overflowing request changes no other", others, f"alpha 1e30; its own finish: {outs[0][1]}")
-        tok_s["steering engine, unsteered"] = _tok_s(llm, many, [None] * 256, max_tokens)
-        spread = np.linspace(-4, 4, 256)
-        tok_s["steering engine, 256 alphas"] = _tok_s(llm, many, [steering("v", float(a)) for a in spread], max_tokens)
+        tok_s["steering engine, unsteered"] = vllm_tok_s(llm, many, [None] * 256, max_tokens)
+        alphas_256 = [steering("v", float(a)) for a in spread(256)]
+        tok_s["steering engine, 256 alphas"] = vllm_tok_s(llm, many, alphas_256, max_tokens)
         async_on = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
         dtype = llm.llm_engine.model_config.dtype
         close_llm(llm)

@@ -32,7 +32,6 @@ class StepInputs:
             for name, t in self.device.items()
         }
         self.np = {name: t.numpy() for name, t in self.host.items()}
-        self.slots = p.shape[1]
         self.filled = 0  # tokens written by the last step
 
     def fill(self, plans: np.ndarray | None, num_scheduled_tokens: np.ndarray, num_computed: np.ndarray) -> None:

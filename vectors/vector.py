@@ -168,6 +168,28 @@ class SteeringVector:
         vector.check_fits(hidden, num_layers, source=source)
         return vector
 
+    @classmethod
+    def for_model(
+        cls,
+        name: str,
+        data: bytes,
+        source: str,
+        hidden_size: int,
+        num_layers: int,
+        max_abs_alpha: float | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SteeringVector:
+        """The engine's vector `name` from its file's bytes, checked to fit the model and, given the
+        engine's `max_abs_alpha` and `dtype`, its alpha bound; errors name the vector and `source`."""
+        try:
+            vector = cls.from_bytes(data, source)
+            vector.check_fits(hidden_size, num_layers, source=source)
+            if max_abs_alpha is not None:
+                vector.check_alpha_bound(max_abs_alpha, dtype, source=source)
+        except SteerBatchError as e:
+            raise type(e)(f"steering vector {name!r}: {e}") from None
+        return vector
+
     def check_alpha_bound(self, max_abs_alpha: float, dtype: torch.dtype, source: str = "vector") -> None:
         """Raise naming the layer and the bound when alpha * v could leave `dtype`'s finite range
         for an alpha the engine allows (|alpha| <= max_abs_alpha): every request using the

@@ -66,12 +66,29 @@ def steer_add_(hidden, residual, p, q, r, vid, V, U, active) -> None:
     """`steer_add` in place, computing only what the step steers (the CPU path: no CUDA graph
     replays it, so it may look at the step): `active` [1] int32 holds how many slots any token of
     the step uses (0: nothing is steered, and the layer's output is left as it is), and only the
-    rows of tokens with a nonzero coefficient are computed, each exactly as `steer_add` does."""
+    rows of tokens with a nonzero coefficient are computed, each exactly as `steer_add` does.
+    A step that only adds (q = r = 0: its change does not depend on the state) skips the
+    projection terms, which are exact zeros there, and so gives the same bits in a third of the ops."""
     k = int(active[0])
     if k == 0:
         return
     n = hidden.shape[0]
     p, q, r, vid = p[:n, :k], q[:n, :k], r[:n, :k], vid[:n, :k]
+    if not (bool(q.any()) or bool(r.any())):
+        rows = p.ne(0).any(1).nonzero().squeeze(1)
+        every = rows.numel() == n
+        if not every:
+            p, vid = p.index_select(0, rows), vid.index_select(0, rows)
+        delta = p[:, 0, None] * V.index_select(0, vid[:, 0]).float()
+        for m in range(1, k):  # in slot order, as steer_delta sums them
+            delta = delta + p[:, m, None] * V.index_select(0, vid[:, m]).float()
+        h = hidden if every else hidden.index_select(0, rows)
+        steered = _finite(h.float() + delta, hidden.dtype).to(hidden.dtype)
+        if every:
+            hidden.copy_(steered)
+        elif rows.numel():
+            hidden.index_copy_(0, rows, steered)
+        return
     rows = ((p != 0) | (q != 0) | (r != 0)).any(1).nonzero().squeeze(1)
     if rows.numel() == n:
         hidden.copy_(steer_add(hidden, residual, p, q, r, vid, V, U))

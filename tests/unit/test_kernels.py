@@ -108,13 +108,21 @@ def test_a_sum_beyond_the_dtype_but_finite_in_float32_saturates(dtype, change):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("steered", [0.0, 0.3, 1.0])
-def test_the_cpu_in_place_add_equals_the_separate_add_and_skips_what_is_not_steered(dtype, steered):
+@pytest.mark.parametrize("adds_only", [False, True])
+def test_the_cpu_in_place_add_equals_the_separate_add_and_skips_what_is_not_steered(dtype, steered, adds_only):
     """steer_add_ (the CPU's op) gives steer_add's rows bit for bit, computing only the steered
-    tokens and the slots the step uses; with nothing steered it leaves the output untouched."""
+    tokens and the slots the step uses, on its own path for a step that only adds; with nothing
+    steered it leaves the output untouched."""
     from steer_batch.kernels.steer import steer_add_
 
     x, res, w, p, q, r, vid, V, U = inputs(40, 576, dtype, steered=steered)
     p[:, 2] = q[:, 2] = r[:, 2] = 0  # the step uses two of the three slots
+    if adds_only:  # every ablate and clamp becomes an add
+        p.add_(q).add_(r)
+        q.zero_()
+        r.zero_()
+    if steered == 1.0:
+        assert bool(p[:40, :2].ne(0).all(1).any())  # some tokens add two vectors
     want = steer_add(x, res, p, q, r, vid, V, U)
     used = int(((p[:40] != 0) | (q[:40] != 0) | (r[:40] != 0)).any(0).nonzero().max()) + 1 if steered else 0
     got = x.clone()

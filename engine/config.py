@@ -253,13 +253,6 @@ class SteeringSpec:
     entries: tuple[Entry, ...]
     positions: tuple[int, int | None] = (0, None)
 
-    def bounds(self, entry: Entry, prompt_len: int) -> tuple[float, float]:
-        """[lo, hi) absolute positions that `entry` steers in a sequence whose prompt has
-        `prompt_len` tokens."""
-        lo, hi = {"all": (0, math.inf), "prompt": (0, prompt_len), "generated": (prompt_len, math.inf)}[entry.scope]
-        start, end = self.positions
-        return max(lo, start), min(hi, math.inf if end is None else end)
-
 
 def parse_request(extra_args: dict[str, Any] | None, config: SteeringConfig | None) -> SteeringSpec | None:
     """The steering spec of a request; None when it is stock vLLM (no steering_* keys, or every

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
-import time
+import uuid
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
 from vllm.v1.engine import FinishReason
 
+from steer_batch.engine import codec
 from steer_batch.engine.config import (
     CONFIG_KEY,
+    VECTOR_KEY,
     SteeringConfig,
     SteeringRequestError,
     SteeringSpec,
@@ -176,18 +179,17 @@ def check_engine_modes(vllm_config) -> None:
         raise SteerBatchError("steering cannot run with " + "; nor with ".join(refused))
 
 
-@dataclass
+@dataclass(eq=False)
 class Registry:
     """One engine's steering, as its front end knows it: the config requests are validated
-    against (with the vectors added at runtime), each vector's bank row, and which requests use
-    which vectors (engine/runtime.py refuses to remove a vector in use). vLLM's server validates
-    requests on a thread pool: `lock` orders that against runtime changes."""
+    against (with the vectors added at runtime, less those being removed) and each vector's bank
+    row. vLLM's server validates requests on a thread pool: `lock` orders that against runtime
+    changes (engine/runtime.py)."""
 
     config: SteeringConfig | None
     rows: dict[str, int] = field(default_factory=dict)
-    # external request id -> (vector names, admitted at, seen running by the output processor)
-    live: dict[str, tuple[tuple[str, ...], float, bool]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # names it in the plans it resolves
 
     @classmethod
     def of(cls, processor) -> Registry:
@@ -195,50 +197,78 @@ class Registry:
         if not hasattr(processor, "_steer_batch_registry"):
             config = SteeringConfig.from_additional_config(processor.vllm_config.additional_config)
             rows = {name: row for row, name in enumerate(config.vectors)} if config else {}
-            processor._steer_batch_registry = cls(config, rows)
+            processor._steer_batch_registry = registry = cls(config, rows)
+            _REGISTRIES[registry.token] = registry
         return processor._steer_batch_registry
 
-    def users(self, name: str, running: set[str], settled: bool) -> list[str]:
-        """External ids of the requests that may still use `name`, given the ids the output
-        processor runs now. Called under `lock`. A request counts from its validation on and is
-        dropped once it is not running and: `settled` (no request is between validation and the
-        output processor, as in a synchronous LLM), it was seen running before, or a second has
-        passed since its validation (the server hands a validated request on at once)."""
-        now = time.monotonic()
-        for rid, (names, since, seen) in list(self.live.items()):
-            if rid in running:
-                self.live[rid] = (names, since, True)
-            elif settled or seen or now - since > 1.0:
-                del self.live[rid]
-        return [rid for rid, (names, _, _) in self.live.items() if name in names]
+    def resolves(self, plan: dict) -> str | None:
+        """None if every vector the plan was resolved to still sits in its row; else the name
+        (or row) of one that was removed or replaced since. Called under `lock`."""
+        held = {
+            (row, self.config.vectors[name].sha256) for name, row in self.rows.items() if name in self.config.vectors
+        }
+        for (row, sha), name in zip(codec.held_rows(plan), plan["names"]):
+            if (row, sha) not in held:
+                return name
+        return None
 
 
-def check_request(processor, request_id: str, params) -> SteeringSpec | None:
-    """A request's steering spec (None: stock vLLM), or VLLMValidationError naming the field.
-    A steered request is noted with the vectors it uses, under the registry's lock."""
+_REGISTRIES: weakref.WeakValueDictionary[str, Registry] = weakref.WeakValueDictionary()
+
+
+def check_request(processor, params) -> SteeringSpec | None:
+    """A request's steering spec (None: stock vLLM), or VLLMValidationError naming the field."""
     extra_args = getattr(params, "extra_args", None)
     registry = Registry.of(processor)
     with registry.lock:
         try:
-            spec = parse_request(extra_args, registry.config)
+            return parse_request(extra_args, registry.config)
         except SteeringRequestError as e:
             raise VLLMValidationError(str(e), parameter=e.field, value=(extra_args or {}).get(e.field)) from None
-        if spec is not None and registry.config.runtime_vectors:
-            registry.live[request_id] = (tuple(e.vector for e in spec.entries), time.monotonic(), False)
-    return spec
 
 
 def admit(processor, request, spec: SteeringSpec | None):
-    """Give a steered request its prefix-cache salt. Unsteered requests (every entry a no-op
-    included) get none, so they share KV blocks with stock traffic; otherwise the salt covers
-    the whole spec: each entry's vector file (sha256), alpha, op and scope, and the positions."""
+    """Give a steered request its plan (engine/codec.py: bank rows and coefficients, resolved
+    here once) and its prefix-cache salt. Unsteered requests (every entry a no-op included) get
+    neither, so they share KV blocks with stock traffic; otherwise the salt covers the whole
+    spec: each entry's vector file (sha256), alpha, op and scope, and the positions."""
+    params = request.sampling_params
+    extra_args = {k: v for k, v in (getattr(params, "extra_args", None) or {}).items() if k != codec.PLAN_KEY}
+    if params is not None and params.extra_args is not None:
+        params.extra_args = extra_args  # a client's own plan never reaches the engine
     if spec is None:
         return request
-    sha = {name: vector.sha256 for name, vector in Registry.of(processor).config.vectors.items()}
+    registry = Registry.of(processor)
+    with registry.lock:
+        sha = {name: vector.sha256 for name, vector in registry.config.vectors.items()}
+        plan = codec.encode(spec, registry.rows, sha, registry.token)
+    params.extra_args = {**extra_args, codec.PLAN_KEY: plan}
     entries = ";".join(f"{e.vector}@{sha[e.vector]}:{e.alpha!r}:{e.op}:{e.scope}" for e in spec.entries)
     salt = f"steer-batch:{entries}:{spec.positions}"
     request.cache_salt = salt if request.cache_salt is None else f"{salt}|{request.cache_salt}"
     return request
+
+
+def hand_over(request) -> None:
+    """As the request enters the output processor, on the thread that then sends it to the engine
+    core (engine/hooks.py): refuse it if a vector it was resolved to has been removed or replaced
+    since its validation (which may run on another thread). A removal first withdraws the name
+    under the same lock, so once it has, no request holding the vector reaches the core after it."""
+    plan = codec.plan_of(getattr(request.sampling_params, "extra_args", None))
+    if plan is None:
+        return
+    registry = _REGISTRIES.get(plan.get("bank"))
+    if registry is None:
+        raise VLLMValidationError("this request's steering plan was not resolved by this engine", parameter=VECTOR_KEY)
+    with registry.lock:
+        gone = registry.resolves(plan)
+    if gone is not None:
+        raise VLLMValidationError(
+            f"{VECTOR_KEY}: vector {gone!r} was removed from this engine while the request was being read; "
+            "send it again with a vector the engine has",
+            parameter=VECTOR_KEY,
+            value=gone,
+        )
 
 
 def fail_non_finite(processor, outputs) -> list[str]:

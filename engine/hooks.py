@@ -91,10 +91,33 @@ def _process_inputs(original):
     from steer_batch.engine.frontend import admit, check_request
 
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        spec = check_request(self, request_id, params)  # validates first: a bad request goes no further
+        spec = check_request(self, params)  # validates first: a bad request goes no further
         return admit(self, original(self, request_id, prompt, params, *args, **kwargs), spec)
 
     return process_inputs
+
+
+def _add_request(original):
+    from steer_batch.engine.frontend import hand_over
+
+    def add_request(self, request, *args, **kwargs):
+        hand_over(request)
+        return original(self, request, *args, **kwargs)
+
+    return add_request
+
+
+def _collective_rpc(original):
+    from steer_batch.engine.bank import in_use
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        if method == "steer_batch_remove_vector":
+            users = in_use(self.scheduler.requests, args[1])
+            if users:  # the workers are not asked: the row stays
+                return [{"in_use": users}]
+        return original(self, method, timeout, args, kwargs)
+
+    return collective_rpc
 
 
 def _prepare_inputs(original):
@@ -186,6 +209,24 @@ PATCHES = (
         "validate each request's steering_* keys in the front end (an error in the engine core would stop it for "
         "everyone) and set its cache salt from the steering spec: vLLM has no per-request validation hook",
         _process_inputs,
+    ),
+    Patch(
+        "vllm.v1.engine.output_processor:OutputProcessor",
+        "add_request",
+        ("self", "request"),
+        "refuse a request whose steering vector was removed between its validation (on the renderer's thread pool "
+        "in a server) and its hand-over to the engine core, which follows on the event loop without a pause: "
+        "vLLM has no hook between the two (engine/frontend.py hand_over)",
+        _add_request,
+    ),
+    Patch(
+        "vllm.v1.engine.core:EngineCore",
+        "collective_rpc",
+        ("self", "method", "timeout", "args", "kwargs"),
+        "answer a vector removal in the engine core, where the scheduler knows every request from its arrival to "
+        "its finish or abort: the removal reaches the workers only if no request holds the vector's bank row "
+        "(engine/bank.py in_use); vLLM's utility calls have no per-method hook",
+        _collective_rpc,
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner",

@@ -11,7 +11,6 @@ a batch holds.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 
@@ -27,7 +26,8 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*)
-from steer_batch.engine.config import SteeringConfig, VectorSpec
+from steer_batch.engine.bank import BankManager
+from steer_batch.engine.config import SteeringConfig
 from steer_batch.engine.hooks import swap_class
 from steer_batch.errors import SteerBatchError
 from steer_batch.kernels import steer_add, steer_add_
@@ -59,8 +59,8 @@ class SteeringState(nn.Module):
         capture_layers: tuple[int, ...] = (),
     ):
         super().__init__()
-        self.config = config  # the engine's, with the vectors added or removed at runtime
-        self.index = {name: i for i, name in enumerate(config.vectors)}  # vector name -> bank row
+        self.config = config  # the engine's at start-up
+        self.bank = BankManager(self, config.vectors)  # which row holds which vector, from now on
         slots = config.max_vectors_per_request
         self.banks: dict[int, nn.Module] = {}  # steered layer -> the module holding its steer_v, steer_u
         self.capture_layers = capture_layers
@@ -93,22 +93,15 @@ class SteeringState(nn.Module):
         module.register_buffer("steer_u", _unit(V), persistent=False)
         self.banks[layer] = module
 
-    def write(self, name: str, row: int, vector: SteeringVector | None, path: str = "") -> None:
+    def write(self, row: int, vector: SteeringVector | None) -> None:
         """Put `vector` into bank row `row` of every steered layer in place (addresses stay, so
-        compiled graphs and CUDA graphs see it), or clear the row (None); `name` then maps to
-        `row`, or to nothing."""
+        compiled graphs and CUDA graphs see it), or clear the row (None). engine/bank.py decides
+        which row holds what."""
         for layer, module in self.banks.items():
             v = vector.directions.get(layer) if vector is not None else None
             v = torch.zeros(module.steer_v.shape[1], dtype=torch.float32) if v is None else v.to(torch.float32)
             module.steer_v[row].copy_(v)
             module.steer_u[row].copy_(_unit(v[None])[0])
-        vectors = {k: v for k, v in self.config.vectors.items() if k != name}
-        if vector is None:
-            self.index.pop(name, None)
-        else:
-            self.index[name] = row
-            vectors[name] = VectorSpec(path)
-        self.config = dataclasses.replace(self.config, vectors=vectors)
 
     @staticmethod
     def inputs(module: nn.Module) -> tuple[torch.Tensor, ...]:

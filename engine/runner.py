@@ -11,10 +11,10 @@ from vllm.logger import init_logger
 from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from steer_batch.engine.config import SteeringConfig, SteeringRequestError, asks_steering, parse_request
+from steer_batch.engine.config import SteeringConfig, asks_steering
 from steer_batch.engine.model import SteeringState
 from steer_batch.errors import SteeringNotInstalled
-from steer_batch.kernels.step_inputs import HI, LO, VID, P, R, StepInputs
+from steer_batch.kernels.step_inputs import StepInputs
 
 logger = init_logger(__name__)
 
@@ -48,22 +48,12 @@ class StepFiller:
         return buffer
 
     def plan(self, req_id: str, runner: GPUModelRunner) -> np.ndarray | None:
-        if req_id in self.plans:
-            return self.plans[req_id]
-        request = runner.requests[req_id]
-        try:
-            spec = parse_request(request.sampling_params.extra_args, self.state.config)
-        except SteeringRequestError as e:  # the front end checked it: a vector removed meanwhile
-            logger.error("steer-batch: request %s runs unsteered: %s", req_id, e)
-            return None
-        if spec is None:
-            return None
-        plan = np.zeros((6, self.state.p.shape[1]))
-        for m, entry in enumerate(spec.entries):
-            plan[VID, m] = self.state.index[entry.vector]
-            plan[P : R + 1, m] = entry.coefficients()
-            plan[LO : HI + 1, m] = spec.bounds(entry, request.num_prompt_tokens)
-        return plan
+        if req_id not in self.plans:
+            request = runner.requests[req_id]
+            self.plans[req_id] = self.state.bank.plan(
+                req_id, request.sampling_params.extra_args, request.num_prompt_tokens
+            )
+        return self.plans[req_id]
 
     def flush_captures(self) -> None:
         """Start copying the last step's captured rows to the host, without waiting for that step:
@@ -125,9 +115,9 @@ class StepFiller:
             self.flush_captures()
             self.collect_captures(wait=False)
             self.plan_captures(runner, req_ids, num_scheduled_tokens)
-        # Rebuilt every step from the live batch, so finished requests drop out by themselves.
-        self.plans = {rid: self.plan(rid, runner) for rid in req_ids}
-        plans = [self.plans[rid] for rid in req_ids]
+        plans = [self.plan(rid, runner) for rid in req_ids]
+        # Kept for the batch's requests only, so finished ones drop out by themselves.
+        self.plans = {rid: plan for rid, plan in zip(req_ids, plans)}
         steered = any(plan is not None for plan in plans)
         stacked = np.stack([self.unsteered if plan is None else plan for plan in plans]) if steered else None
         computed = runner.input_batch.num_computed_tokens_cpu[: len(num_scheduled_tokens)]

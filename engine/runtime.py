@@ -9,11 +9,11 @@ must lie in (after resolving symlinks).
 
     from steer_batch.engine.runtime import add_vector, list_vectors, remove_vector
     add_vector(llm, "calm", "calm.safetensors")      # usable by the next request
-    remove_vector(llm, "calm")                       # refused while a request uses it
+    remove_vector(llm, "calm")                       # 409 while a request in the engine holds it
 
 The server runs the same steps through `add_vector_async` / `remove_vector_async`
 (serve/middleware.py); there a removal refuses new requests naming the vector at once and waits
-(up to a minute, 409 after) for the requests already using it to finish. A vector is validated
+(up to a minute, 409 after) for exactly the requests the engine holds with it (engine/bank.py). A vector is validated
 exactly like a start-up vector (hidden size, layers, finite values); a name is the file's until
 removed, and a name added again with another file never shares KV blocks with the old one (the
 cache salt covers the file's sha256).
@@ -85,31 +85,63 @@ async def add_vector_async(engine_client, name: str, path: str | Path) -> dict:
 
 
 def remove_vector(llm, name: str) -> None:
-    """Remove the vector `name` from `llm`: refused (409) while a request uses it."""
+    """Remove the vector `name` from `llm`: refused (409) while a request the engine has not
+    finished or aborted holds it (engine/bank.py)."""
     registry, spec = _withdraw(llm, name)
-    if _users(llm, registry, name, settled=True):
+    try:
+        users = _in_use(_engine(llm).collective_rpc("steer_batch_remove_vector", args=(name, registry.rows[name])))
+    except BaseException:
+        _restore(registry, name, spec)
+        raise
+    if users:
         _restore(registry, name, spec)
         raise RuntimeVectorError(
-            f"vector {name!r} is used by a request not yet finished; remove it once it is", 409, "name"
+            f"vector {name!r} is used by {_describe_users(llm, users)} not yet finished; remove it once "
+            f"{'they finish' if len(users) > 1 else 'it finishes'}",
+            409,
+            "name",
         )
-    _engine(llm).collective_rpc("steer_batch_remove_vector", args=(name,))
     _release(registry, name)
 
 
 async def remove_vector_async(engine_client, name: str, wait: float = WAIT_SECONDS) -> None:
     """`remove_vector` for an `AsyncLLM`: new requests naming it are refused at once, and the
-    removal waits up to `wait` seconds for the requests already using it to finish (409 after)."""
+    removal waits for exactly the requests holding it when it was asked (up to `wait` seconds,
+    409 after), then clears the row."""
     registry, spec = _withdraw(engine_client, name)
     deadline = time.monotonic() + wait
-    while _users(engine_client, registry, name, settled=False):
-        if time.monotonic() > deadline:
-            _restore(registry, name, spec)
-            raise RuntimeVectorError(
-                f"vector {name!r} is still used by requests after {wait:g} s; remove it once they finish", 409, "name"
-            )
-        await asyncio.sleep(0.05)
-    await engine_client.collective_rpc("steer_batch_remove_vector", args=(name,))
+    states = engine_client.output_processor.request_states
+    try:
+        while users := _in_use(
+            await engine_client.collective_rpc("steer_batch_remove_vector", args=(name, registry.rows[name]))
+        ):
+            # No request can take the vector now (withdrawn); wait for these to leave the engine.
+            while any(rid in states for rid in users) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            if time.monotonic() >= deadline:
+                raise RuntimeVectorError(
+                    f"vector {name!r} is still used by {_describe_users(engine_client, users)} after {wait:g} s; "
+                    "remove it once they finish",
+                    409,
+                    "name",
+                )
+            await asyncio.sleep(0)  # their finish reaches the engine core before the next call
+    except BaseException:
+        _restore(registry, name, spec)
+        raise
     _release(registry, name)
+
+
+def _in_use(results: list[dict]) -> list[str]:
+    """The request ids the engine core found holding the row (engine/hooks.py); [] once cleared."""
+    return sorted({rid for result in results for rid in result["in_use"]})
+
+
+def _describe_users(engine, users: list[str]) -> str:
+    states = _engine(engine).output_processor.request_states
+    ids = [getattr(states.get(rid), "external_req_id", None) or rid for rid in users]
+    shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+    return f"request{'s' if len(ids) > 1 else ''} {shown}"
 
 
 def _engine(engine):
@@ -241,12 +273,6 @@ def _withdraw(engine, name: str) -> tuple[Registry, VectorSpec]:
             raise RuntimeVectorError(f"no vector {name!r}; this engine has {config.names}", 404, "name")
         registry.config = dataclasses.replace(config, vectors={k: v for k, v in config.vectors.items() if k != name})
     return registry, config.vectors[name]
-
-
-def _users(engine, registry: Registry, name: str, settled: bool) -> list[str]:
-    running = {state.external_req_id for state in _engine(engine).output_processor.request_states.values()}
-    with registry.lock:
-        return registry.users(name, running, settled)
 
 
 def _restore(registry: Registry, name: str, spec: VectorSpec) -> None:

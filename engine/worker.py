@@ -27,7 +27,7 @@ class SteeringWorkerExtension:
 
     def steer_batch_add_vector(self, name: str, path: str, data: bytes, sha256: str, row: int) -> None:
         """Load the vector the front end validated (engine/runtime.py), from the file's bytes it
-        read (`path` only names it), into bank row `row`."""
+        read (`path` only names it), into the free bank row `row`."""
         import hashlib
 
         from steer_batch.errors import SteerBatchError
@@ -37,12 +37,13 @@ class SteeringWorkerExtension:
             raise SteerBatchError(f"steering vector {name!r}: the bytes sent for {path} do not match their sha256")
         hf = self.model_runner.vllm_config.model_config.hf_text_config
         vector = SteeringVector.for_model(name, data, path, hf.hidden_size, hf.num_hidden_layers)
-        self._steering().write(name, row, vector, path)
+        self._steering().bank.add(row, name, path, sha256, vector)
 
-    def steer_batch_remove_vector(self, name: str) -> None:
-        """Clear the bank row of `name` (no running request uses it: engine/runtime.py)."""
-        state = self._steering()
-        state.write(name, state.index[name], None)
+    def steer_batch_remove_vector(self, name: str, row: int) -> dict:
+        """Clear bank row `row`, holding `name`: the engine core let this call through because no
+        request holds the row (engine/bank.py `in_use`, engine/hooks.py)."""
+        self._steering().bank.remove(row, name)
+        return {"in_use": []}
 
     def steer_batch_take_captures(self) -> dict:
         """{"ids": request ids, "layers": the captured layers of this worker's pipeline stage,

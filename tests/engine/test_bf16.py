@@ -4,6 +4,8 @@ capture buffers stay float32. Capture equals the HF reference in bf16, steering 
 HF-hook oracle token for token but for recorded near-ties, and a vector added at runtime steers
 bit for bit like the same file given at start-up."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -149,7 +151,8 @@ def test_the_steering_state_is_float32_when_built_under_a_half_default_dtype(tmp
     torch.set_default_dtype(dtype)
     try:
         state = install_steering(model, config, vllm_config)
-        state.write("b", 1, SteeringVector.load(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"))
+        path = tmp_path / "a.safetensors"
+        state.bank.add(1, "b", str(path), hashlib.sha256(path.read_bytes()).hexdigest(), SteeringVector.load(path))
     finally:
         torch.set_default_dtype(default)
     for layer in (1, 2):

@@ -81,3 +81,44 @@ def test_an_engine_without_runtime_vectors_refuses_them(tmp_path):
         assert e.value.status == 403
     finally:
         close(llm)
+
+
+def test_a_vector_held_by_requests_in_the_engine_is_never_removed_under_them(setup):
+    """Across the front end, the engine core and the workers: removing a vector that a running
+    request and a queued one hold is refused (409, naming both) and changes nothing; both finish
+    steered by it, token for token like the oracle; then it goes, and its row takes another
+    vector that steers the next request."""
+    from vllm import SamplingParams
+
+    llm, folder, model_dir, vectors = setup
+    for listed in list_vectors(llm):  # whatever the tests before left
+        remove_vector(llm, listed["name"])
+    add_vector(llm, "held", folder / "a.safetensors")
+    engine = llm.llm_engine
+    prompts = make_prompts(2, seed=71, max_len=30)
+    # Long enough that neither can finish before the removal below: the engine core runs ahead of step().
+    long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True, extra_args=steering("held", 1.5))
+    engine.add_request("running", {"prompt_token_ids": prompts[0]}, long)
+    outputs = {}
+    for _ in range(3):
+        for out in engine.step():
+            outputs[out.request_id] = out
+    assert "running" in outputs and not outputs["running"].finished
+    engine.add_request("queued", {"prompt_token_ids": prompts[1]}, long)
+    with pytest.raises(RuntimeVectorError, match=r"vector 'held' is used by requests queued, running not yet") as e:
+        remove_vector(llm, "held")
+    assert e.value.status == 409
+    assert [v["name"] for v in list_vectors(llm)] == ["held"]  # refused: still listed and usable
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    for rid, prompt in zip(("running", "queued"), prompts):
+        want = oracle_greedy(model_dir, prompt, 300, vectors["a"], 1.5)
+        assert list(outputs[rid].outputs[0].token_ids) == want, rid
+    assert want != oracle_greedy(model_dir, prompts[1], 300), "the vector must steer, or the test tests nothing"
+    remove_vector(llm, "held")
+    assert add_vector(llm, "next", folder / "b.safetensors")["row"] == 0  # the row it left
+    assert generate(llm, prompts[:1], N_TOKENS, [steering("next", 2.0)]) == [
+        oracle_greedy(model_dir, prompts[0], N_TOKENS, vectors["b"], 2.0)
+    ]
+    remove_vector(llm, "next")

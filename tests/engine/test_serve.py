@@ -205,6 +205,56 @@ def test_runtime_vectors_add_use_list_remove_and_add_again(setup, server, client
         assert _vectors(url, "DELETE", name=name)[0] == 200
 
 
+def test_a_vector_removed_while_a_long_stream_uses_it_goes_only_when_the_stream_ends(setup, server, client):
+    """DELETE of a vector a streaming request holds waits for exactly that request (front end,
+    engine core and worker are three processes here): meanwhile a new request naming it is a 400,
+    the stream keeps its vector to its last token (its text equals the oracle's), and the row is
+    then free for the next vector."""
+    _, model_dir, vectors, allowed = setup
+    url = server[0]
+    ids = AutoTokenizer.from_pretrained(model_dir)("Once upon a time")["input_ids"]
+    long = 240
+    assert _vectors(url, "POST", {"name": "held", "path": str(allowed / "c.safetensors")})[0] == 200
+    stream = client.completions.create(
+        model=client.models.list().data[0].id,
+        prompt="Once upon a time",
+        max_tokens=long,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, "vllm_xargs": steering("held", 2.0)},
+    )
+    chunks = iter(stream)
+    text = next(chunks).choices[0].text  # the request runs
+    deleted = {}
+
+    def delete():
+        deleted["asked"] = time.monotonic()
+        deleted["answer"] = _vectors(url, "DELETE", name="held")
+        deleted["done"] = time.monotonic()
+
+    thread = threading.Thread(target=delete)
+    thread.start()
+    while "asked" not in deleted:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    with pytest.raises(openai.BadRequestError, match="'held' is not a vector of this engine"):
+        _complete(client, "Hello", steering("held", 1.0))
+    text += "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+    ended = time.monotonic()
+    thread.join(timeout=120)
+    assert deleted["answer"] == (200, {"name": "held", "deleted": True})
+    assert ended - deleted["asked"] > 1.0, "the stream must outlast the DELETE's own latency, or nothing is shown"
+    assert deleted["done"] > ended - 0.5, "the DELETE answered long before the request holding the vector finished"
+    oracle = oracle_greedy(model_dir, ids, long, entries=[(vectors["c"], 2.0, "add", "all")])
+    assert text == AutoTokenizer.from_pretrained(model_dir).decode(oracle, skip_special_tokens=True)
+    assert [v["name"] for v in _vectors(url)[1]["data"]] == ["a"]
+    assert _vectors(url, "POST", {"name": "after", "path": str(allowed / "b.safetensors")})[0] == 200
+    assert _complete(client, "I think that", steering("after", 2.0)) == _oracle_text(
+        setup, AutoTokenizer.from_pretrained(model_dir)("I think that")["input_ids"], [("b", 2.0, "add", "all")]
+    )
+    assert _vectors(url, "DELETE", name="after")[0] == 200
+
+
 def test_only_files_in_the_directory_and_only_with_the_key(setup, server):
     folder, _, _, allowed = setup
     url = server[0]

@@ -4,7 +4,9 @@ import math
 
 import pytest
 
+from steer_batch.engine.codec import decode, encode
 from steer_batch.engine.config import Entry, SteeringConfig, SteeringRequestError, SteeringSpec, parse_request, steering
+from steer_batch.kernels.step_inputs import HI, LO, VID
 
 CONFIG = SteeringConfig.from_additional_config(
     {"steering": {"vectors": {"happy": "h.safetensors", "calm": {"path": "c.safetensors"}}}}
@@ -94,12 +96,18 @@ def test_entry_coefficients_and_bounds():
     assert Entry("a", 3.0, "add").coefficients() == (3.0, 0.0, 0.0)
     assert Entry("a", 0.5, "ablate").coefficients() == (0.0, 0.0, -0.5)
     assert Entry("a", 2.0, "clamp").coefficients() == (0.0, 2.0, -1.0)
-    spec = SteeringSpec((Entry("a", 1.0),), (0, 4))
-    assert spec.bounds(Entry("a", 1.0, scope="all"), prompt_len=10) == (0, 4)
-    assert spec.bounds(Entry("a", 1.0, scope="generated"), prompt_len=10) == (10, 4)  # empty: nothing steered
-    wide = SteeringSpec((Entry("a", 1.0),), (3, None))
-    assert wide.bounds(Entry("a", 1.0, scope="prompt"), prompt_len=10) == (3, 10)
-    assert wide.bounds(Entry("a", 1.0, scope="generated"), prompt_len=10) == (10, math.inf)
+
+    def bounds(positions, scope):  # [lo, hi) that the workers decode for a 10-token prompt
+        spec = SteeringSpec((Entry("a", 1.0, scope=scope),), positions)
+        plan = decode(encode(spec, {"a": 2}, {"a": "f00d"}, "bank"), prompt_len=10, slots=3)
+        assert plan[VID, 0] == 2 and not plan[:, 1:].any()
+        return plan[LO, 0], plan[HI, 0]
+
+    assert bounds((0, 4), "all") == (0, 4)
+    assert bounds((0, 4), "generated") == (10, 4)  # empty: nothing steered
+    assert bounds((3, None), "prompt") == (3, 10)
+    assert bounds((3, None), "generated") == (10, math.inf)
+    assert bounds((0, None), "all") == (0, math.inf)
 
 
 def test_the_steering_helper_spells_the_keys():

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 import steer_batch
+from steer_batch import quiet
 from steer_batch.engine.config import OPS, SCOPES
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.classify import CLASSIFIERS
@@ -21,6 +22,9 @@ from steer_batch.vectors.methods import METHODS
 from steer_batch.vectors.prompts import DEFAULT_TEMPLATE
 
 _USER_LOG_LEVEL = os.environ.get("VLLM_LOGGING_LEVEL")
+# An engine process that vLLM spawns imports this module first (it is the parent's __main__), so
+# vLLM's advice for other setups is dropped there before vLLM logs any (quiet.py).
+quiet.install_if_asked()
 
 
 class _Commands(click.Group):
@@ -42,8 +46,11 @@ def _verbosity(ctx, param, verbose: bool) -> None:
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # vLLM logs to stdout by default
     if verbose:
         os.environ["VLLM_LOGGING_LEVEL"] = "DEBUG" if _USER_LOG_LEVEL == "DEBUG" else "INFO"
+        os.environ[quiet.QUIET_VARIABLE] = "0"
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault(quiet.QUIET_VARIABLE, "1")
+    quiet.install_if_asked()
     # Deprecation notices of the libraries under vLLM, and torch's C++ info lines: not ours to fix.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
@@ -58,7 +65,7 @@ _verbose = click.option(
     expose_value=False,
     callback=_verbosity,
     is_eager=True,
-    help="Also show vLLM's INFO log lines.",
+    help="Also show vLLM's INFO log lines and its advice for other setups.",
 )
 
 

@@ -5,13 +5,13 @@ Engine:  additional_config={"steering": {"vectors": {"happy": "happy.safetensors
          (a vector may also be {"path": ..., "sha256": ...}; the front end fills in `sha256` and
          `layers`, so vLLM's config hash, which covers additional_config, changes with them.)
          {"steering": {"capture": [8, 9, 10]}} makes an engine that records the residual-stream
-         output of those layers at each prompt's last token (engine/capture.py).
+         output of those layers at each prompt's last token (driver/capture.py).
          "steer_op": "add" (a separate add after the layer, fused by torch.compile; the default)
          or "fused" (folded into the next RMSNorm by the kernels/ op; opt-in).
          "max_abs_alpha": the largest |steering_alpha| a request may ask for (DEFAULT_MAX_ABS_ALPHA).
          "max_vectors_per_request": how many entries one request may list (default 4).
          "runtime_vectors": true, or a directory the files must lie in: vectors may be added and
-         removed while the engine runs (engine/runtime.py); "max_vectors" (default 16) bank rows
+         removed while the engine runs (driver/runtime.py); "max_vectors" (default 16) bank rows
          are allocated at start-up; "layers" ("all", or a list; default: the start-up vectors'
          layers, all layers with runtime vectors) are the layers any vector may steer.
 Request: extra_args={"steering_vector": "happy", "steering_alpha": 4.0}, or several entries:
@@ -33,6 +33,8 @@ from typing import Any
 from steer_batch.errors import SteerBatchError
 
 CONFIG_KEY = "steering"
+PLUGIN_NAME = "steer_batch"  # the vLLM plugin entry point's name in pyproject.toml
+WORKER_EXTENSION = "steer_batch.engine.worker.SteeringWorkerExtension"  # vLLM's worker_extension_cls
 REQUEST_PREFIX = "steering_"
 VECTOR_KEY = "steering_vector"
 ALPHA_KEY = "steering_alpha"
@@ -167,6 +169,21 @@ class SteeringConfig:
             "layers": list(self.layers) if isinstance(self.layers, tuple) else self.layers,
             "runtime_vectors": self.runtime_vectors,
         }
+
+
+def engine_config(additional_config: dict | None = None, vectors: dict | None = None, **settings: Any) -> dict:
+    """vLLM's `additional_config` asking for steering, the one way steer-batch builds it:
+    `additional_config` as given (other plugins' keys kept, its "steering" settings merged
+    under), then `settings` (SteeringConfig's fields: capture, layers, runtime_vectors,
+    max_vectors, ...; None leaves one out) and `vectors` (name -> file, added to any given).
+    Checked like an engine's config (errors name the key)."""
+    base = dict(additional_config or {})
+    steering = {**base.get(CONFIG_KEY, {}), **{k: v for k, v in settings.items() if v is not None}}
+    if vectors:
+        steering["vectors"] = {**steering.get("vectors", {}), **{n: str(p) for n, p in vectors.items()}}
+    config = {**base, CONFIG_KEY: steering}
+    SteeringConfig.from_additional_config(config)
+    return config
 
 
 def asks_steering(additional_config: Any) -> bool:

@@ -22,6 +22,7 @@ from steer_batch.engine import codec
 from steer_batch.engine.config import (
     CONFIG_KEY,
     VECTOR_KEY,
+    WORKER_EXTENSION,
     SteeringConfig,
     SteeringRequestError,
     SteeringSpec,
@@ -29,7 +30,6 @@ from steer_batch.engine.config import (
     asks_steering,
     parse_request,
 )
-from steer_batch.engine.launch import WORKER_EXTENSION
 from steer_batch.errors import SteerBatchError, SteeringNotInstalled
 from steer_batch.vectors.vector import SteeringVector, read_file
 
@@ -184,7 +184,7 @@ class Registry:
     """One engine's steering, as its front end knows it: the config requests are validated
     against (with the vectors added at runtime, less those being removed) and each vector's bank
     row. vLLM's server validates requests on a thread pool: `lock` orders that against runtime
-    changes (engine/runtime.py)."""
+    changes (driver/runtime.py)."""
 
     config: SteeringConfig | None
     rows: dict[str, int] = field(default_factory=dict)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,17 +34,15 @@ class Patch:
     method: str
     params: tuple[str, ...]  # the leading parameters, by name, that the wrapper relies on
     why: str
-    wrap: Callable[[Callable], Callable]  # original -> wrapper
+    wrap: Callable[[Callable, Handlers], Callable]  # (original, handlers) -> wrapper
 
     @property
     def name(self) -> str:
         return f"{self.owner.replace(':', '.')}.{self.method}"
 
-    def apply(self, version: str) -> None:
+    def apply(self, version: str, handlers: Handlers) -> None:
         """Wrap the method (a property's getter, for a property) unless this process did already,
         after checking its signature."""
-        import importlib
-
         module, cls = self.owner.split(":")
         owner = getattr(importlib.import_module(module), cls)
         static = inspect.getattr_static(owner, self.method)
@@ -52,67 +51,73 @@ class Patch:
         if getattr(original, "_steer_batch", False):
             return
         check_signature(self, original, version)
-        wrapper = functools.wraps(original)(self.wrap(original))
+        wrapper = functools.wraps(original)(self.wrap(original, handlers))
         wrapper._steer_batch = True
         setattr(owner, self.method, property(wrapper) if is_property else wrapper)
 
 
-def _create_engine_config(original):
-    from steer_batch.engine.frontend import prepare_engine_config
+@dataclass(frozen=True)
+class Handlers:
+    """steer-batch's logic that the wraps call, handed to `install` by the plugin
+    (engine/plugin.py), so that this module imports none of it and the logic may use this
+    module (`swap_class`, the accessors below) without an import cycle."""
 
+    prepare_engine_config: Callable  # engine/frontend.py
+    choose_model_runner: Callable  # engine/frontend.py
+    check_request: Callable  # engine/frontend.py
+    admit: Callable  # engine/frontend.py
+    hand_over: Callable  # engine/frontend.py
+    fail_non_finite: Callable  # engine/frontend.py
+    in_use: Callable  # engine/bank.py
+    fill_step: Callable  # engine/runner.py
+    build_kv_zeroer: Callable  # engine/runner.py
+    asks_steering: Callable  # engine/config.py
+
+
+def _create_engine_config(original, on: Handlers):
     def create_engine_config(self, *args, **kwargs):
         vllm_config = original(self, *args, **kwargs)
-        prepare_engine_config(vllm_config)
+        on.prepare_engine_config(vllm_config)
         return vllm_config
 
     return create_engine_config
 
 
-def _use_v2_model_runner(original):
-    from steer_batch.engine.frontend import choose_model_runner
-
+def _use_v2_model_runner(original, on: Handlers):
     def use_v2_model_runner(self):
-        return choose_model_runner(self, original)
+        return on.choose_model_runner(self, original)
 
     return use_v2_model_runner
 
 
-def _initialize_from_config(original):
-    from steer_batch.engine.runner import build_kv_zeroer
-
+def _initialize_from_config(original, on: Handlers):
     def initialize_from_config(self, kv_cache_config, *args, **kwargs):
         original(self, kv_cache_config, *args, **kwargs)
-        build_kv_zeroer(self.model_runner)
+        on.build_kv_zeroer(self.model_runner)
 
     return initialize_from_config
 
 
-def _process_inputs(original):
-    from steer_batch.engine.frontend import admit, check_request
-
+def _process_inputs(original, on: Handlers):
     def process_inputs(self, request_id, prompt, params, *args, **kwargs):
-        spec = check_request(self, params)  # validates first: a bad request goes no further
-        return admit(self, original(self, request_id, prompt, params, *args, **kwargs), spec)
+        spec = on.check_request(self, params)  # validates first: a bad request goes no further
+        return on.admit(self, original(self, request_id, prompt, params, *args, **kwargs), spec)
 
     return process_inputs
 
 
-def _add_request(original):
-    from steer_batch.engine.frontend import hand_over
-
+def _add_request(original, on: Handlers):
     def add_request(self, request, *args, **kwargs):
-        hand_over(request)
+        on.hand_over(request)
         return original(self, request, *args, **kwargs)
 
     return add_request
 
 
-def _collective_rpc(original):
-    from steer_batch.engine.bank import in_use
-
+def _collective_rpc(original, on: Handlers):
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         if method == "steer_batch_remove_vector":
-            users = in_use(self.scheduler.requests, args[1])
+            users = on.in_use(self.scheduler.requests, args[1])
             if users:  # the workers are not asked: the row stays
                 return [{"in_use": users}]
         return original(self, method, timeout, args, kwargs)
@@ -120,12 +125,10 @@ def _collective_rpc(original):
     return collective_rpc
 
 
-def _prepare_inputs(original):
-    from steer_batch.engine.runner import fill_step
-
+def _prepare_inputs(original, on: Handlers):
     def prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = original(self, scheduler_output, num_scheduled_tokens)
-        fill_step(self, num_scheduled_tokens)
+        on.fill_step(self, num_scheduled_tokens)
         return out
 
     return prepare_inputs
@@ -149,11 +152,9 @@ class _ZeroFreshBlocks:
         return True
 
 
-def _scheduler_init(original):
-    from steer_batch.engine.config import SteeringConfig
-
+def _scheduler_init(original, on: Handlers):
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
-        if SteeringConfig.from_additional_config(vllm_config.additional_config) is not None:
+        if on.asks_steering(vllm_config.additional_config):
             kv_cache_config = copy.copy(kv_cache_config)  # the scheduler's own; the workers keep theirs
             swap_class(kv_cache_config, _ZeroFreshBlocks)
         original(self, vllm_config, kv_cache_config, *args, **kwargs)
@@ -161,11 +162,9 @@ def _scheduler_init(original):
     return __init__
 
 
-def _process_outputs(original):
-    from steer_batch.engine.frontend import fail_non_finite
-
+def _process_outputs(original, on: Handlers):
     def process_outputs(self, engine_core_outputs, *args, **kwargs):
-        failed = fail_non_finite(self, engine_core_outputs)
+        failed = on.fail_non_finite(self, engine_core_outputs)
         result = original(self, engine_core_outputs, *args, **kwargs)
         result.reqs_to_abort.extend(failed)  # the engine core still runs them
         return result
@@ -277,11 +276,11 @@ def check_signature(patch: Patch, original: Callable, version: str) -> None:
         )
 
 
-def install() -> None:
+def install(handlers: Handlers) -> None:
     """Apply every patch once per process (the plugin may run more than once)."""
     import vllm
 
     version = vllm.__version__
     check_version(version)
     for patch in PATCHES:
-        patch.apply(version)
+        patch.apply(version, handlers)

@@ -7,13 +7,29 @@ every real import happens inside `register()`, where a failure is loud.
 
 
 def register() -> None:
+    from steer_batch import quiet
+
+    quiet.install_if_asked()  # steer-batch's commands: vLLM's advice for other setups left out
+
     from vllm import ModelRegistry
 
-    from steer_batch.engine import hooks
-    from steer_batch.engine.frontend import SUPPORTED_ARCHITECTURES
+    from steer_batch.engine import bank, config, frontend, hooks, runner
 
-    for arch, cls in SUPPORTED_ARCHITECTURES.items():
+    for arch, cls in frontend.SUPPORTED_ARCHITECTURES.items():
         # A lazy "module:Class" reference: the model module is imported where the model is built.
         # Registering again (the plugin runs more than once) just replaces the same entry.
         ModelRegistry.register_model(arch, f"steer_batch.engine.model:{cls}")
-    hooks.install()
+    hooks.install(
+        hooks.Handlers(
+            prepare_engine_config=frontend.prepare_engine_config,
+            choose_model_runner=frontend.choose_model_runner,
+            check_request=frontend.check_request,
+            admit=frontend.admit,
+            hand_over=frontend.hand_over,
+            fail_non_finite=frontend.fail_non_finite,
+            in_use=bank.in_use,
+            fill_step=runner.fill_step,
+            build_kv_zeroer=runner.build_kv_zeroer,
+            asks_steering=config.asks_steering,
+        )
+    )

@@ -1,4 +1,4 @@
-"""Mixed into vLLM's worker class through its `worker_extension_cls` seam (engine/launch.py sets
+"""Mixed into vLLM's worker class through its `worker_extension_cls` seam (driver/launch.py sets
 it); called from the front end with `llm.collective_rpc("steer_batch_...")`.
 
 Importing this module registers the plugin in the worker's process, so a worker started with
@@ -26,7 +26,7 @@ class SteeringWorkerExtension:
         return dict(state.layout) if state is not None else {}
 
     def steer_batch_add_vector(self, name: str, path: str, data: bytes, sha256: str, row: int) -> None:
-        """Load the vector the front end validated (engine/runtime.py), from the file's bytes it
+        """Load the vector the front end validated (driver/runtime.py), from the file's bytes it
         read (`path` only names it), into the free bank row `row`."""
         import hashlib
 

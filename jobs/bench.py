@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST
+from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST, engine_config
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
 
@@ -133,7 +133,7 @@ def bench(
     one more steering engine per other entry of `slots`, a stock engine, HF generate + hooks.
     Progress on stderr."""
     from steer_batch.data import sentence_beginnings
-    from steer_batch.engine.launch import close_llm, make_llm, on_cpu
+    from steer_batch.driver.launch import close_llm, make_llm, on_cpu
     from steer_batch.jobs.models import resolve_model
 
     model_dir = resolve_model(model)
@@ -157,7 +157,7 @@ def bench(
             dtype = engines["steer"].llm_engine.model_config.dtype  # the HF baseline runs in it too
             runs = [(name, engines["steer"], args) for name, args in configs.items()]
             for k in others:  # what unused slots cost: the same engine with k slots per token
-                steering = {"steering": {"max_vectors_per_request": k}}
+                steering = engine_config(max_vectors_per_request=k)
                 engines[k] = make_llm(model_dir, files, additional_config=steering, **engine_args)
                 for name in ("unsteered", "256 alphas"):
                     if name in configs:
@@ -189,7 +189,7 @@ def bench_engine_args(eager: bool, engines: int) -> dict:
     """Engine arguments for `engines` engines up at once in this process: prefix caching off (every
     configuration does the same work) and, on a GPU, an equal share of 90% of its memory each
     (vLLM's default 0.9 apiece would leave the second engine none)."""
-    from steer_batch.engine.launch import on_cpu
+    from steer_batch.driver.launch import on_cpu
 
     args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
     if on_cpu():  # a KV cache of its own size for each, not 30% of the machine's memory apiece
@@ -323,7 +323,7 @@ def bench_seed(alphas: str = "-4,0,4", keep: Path | None = None, evaluate: bool 
         job(CACHED, "a")
         vector = next((Path(tmp) / "a" / "vectors").glob("*.safetensors"))
         script = (
-            "import sys, time; from steer_batch.engine.launch import make_llm, close_llm; "
+            "import sys, time; from steer_batch.driver.launch import make_llm, close_llm; "
             "from steer_batch.jobs.models import default_model_dir; t = time.perf_counter(); "
             "llm = make_llm(default_model_dir(), {'happy': sys.argv[1]}); "
             "print(time.perf_counter() - t); close_llm(llm)"

@@ -70,9 +70,10 @@ def engine_check(
 
     from steer_batch import steering
     from steer_batch.data import sentence_beginnings
-    from steer_batch.engine.capture import capture_states
-    from steer_batch.engine.launch import close_llm, make_llm, on_cpu
-    from steer_batch.engine.runtime import add_vector
+    from steer_batch.driver.capture import capture_states
+    from steer_batch.driver.launch import close_llm, make_llm, on_cpu
+    from steer_batch.driver.runtime import add_vector
+    from steer_batch.engine.config import engine_config
     from steer_batch.jobs.bench import random_vector, spread, vllm_tok_s
     from steer_batch.jobs.extract import hf_last_token_states
     from steer_batch.jobs.models import resolve_model
@@ -113,8 +114,8 @@ def engine_check(
             close_llm(llm)
 
         _log("steering engine")
-        steer_config = {"capture": captured, "runtime_vectors": True, "layers": layers, "max_abs_alpha": 1e31}
-        llm = make_llm(model_dir, {"v": path}, additional_config={"steering": steer_config}, **engine)
+        steer_config = engine_config(capture=captured, runtime_vectors=True, layers=layers, max_abs_alpha=1e31)
+        llm = make_llm(model_dir, {"v": path}, additional_config=steer_config, **engine)
         checks.add("steering engine runs the V1 runner", not llm.llm_engine.vllm_config.use_v2_model_runner)
         for g, want in zip(groups, stock):
             for name, args in (("unsteered", None), ("alpha 0", steering("v", 0.0))):
@@ -143,9 +144,7 @@ def engine_check(
         close_llm(llm)
         if gpu and async_on:
             _log("steering engine, async scheduling off")
-            llm = make_llm(
-                model_dir, {"v": path}, additional_config={"steering": steer_config}, async_scheduling=False, **engine
-            )
+            llm = make_llm(model_dir, {"v": path}, additional_config=steer_config, async_scheduling=False, **engine)
             checks.add("async scheduling on = off", _generate(llm, flat, mixed, max_tokens) == together)
             close_llm(llm)
         else:

@@ -1,5 +1,5 @@
 """`steer-batch extract`: a contrastive steering vector for a positive minus a negative persona,
-from hidden states captured inside vLLM (engine/capture.py) or by the HF reference (forward
+from hidden states captured inside vLLM (driver/capture.py) or by the HF reference (forward
 hooks); and the default happy - sad vector that `run` uses, extracted once and cached.
 
     from steer_batch.jobs.extract import extract_file
@@ -105,7 +105,7 @@ def extract(
         for side, persona in (("p", positive), ("n", negative))
     }
     if capture == "vllm":
-        from steer_batch.engine.capture import capture_last_token_states, capture_states
+        from steer_batch.driver.capture import capture_last_token_states, capture_states
 
         both = prompts["p"] + prompts["n"]
         if llm is not None:
@@ -151,7 +151,7 @@ def extract_file(
     the 581 RepE sentence beginnings); layers: "all", "8-20", "3,5,7" or a list."""
     from transformers import AutoConfig
 
-    from steer_batch.engine.launch import check_plugin_allowed
+    from steer_batch.driver.launch import check_plugin_allowed
 
     check_template(template)
     if capture == "vllm":

@@ -37,13 +37,13 @@ def generate_ray(llm_engine_kwargs: dict, spec, todo: list[tuple[int, str, float
         ) from None
     from tqdm import tqdm
 
-    from steer_batch.engine.config import steering
-    from steer_batch.engine.launch import WORKER_EXTENSION, check_plugin_allowed, engine_defaults, on_cpu
+    from steer_batch.driver.launch import CPU_ENV, check_plugin_allowed, engine_defaults, on_cpu
+    from steer_batch.engine.config import WORKER_EXTENSION, engine_config, steering
 
     check_plugin_allowed()
     engine_kwargs = {
         **engine_defaults(llm_engine_kwargs),
-        "additional_config": {"steering": {"vectors": {n: v["path"] for n, v in spec.vectors.items()}}},
+        "additional_config": engine_config(vectors={n: v["path"] for n, v in spec.vectors.items()}),
         "worker_extension_cls": WORKER_EXTENSION,
         "distributed_executor_backend": "mp",
     }
@@ -53,7 +53,7 @@ def generate_ray(llm_engine_kwargs: dict, spec, todo: list[tuple[int, str, float
         concurrency=replicas,
         batch_size=BATCH_SIZE,
         placement_group_config={"bundle_per_worker": {"CPU": 1, "GPU": 0}} if on_cpu() else None,
-        runtime_env={"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}} if on_cpu() else None,
+        runtime_env={"env_vars": CPU_ENV} if on_cpu() else None,
         tokenize_stage=False,  # vLLM tokenizes and detokenizes, as in a single-engine run
         detokenize_stage=False,
         chat_template_stage=False,

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from steer_batch.engine.config import OPS, SCOPES, Entry, check_vector_name, file_sha256, steering
+from steer_batch.engine.config import OPS, SCOPES, Entry, check_vector_name, engine_config, file_sha256, steering
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 from steer_batch.eval.runfiles import GENERATIONS, GENERATIONS_SCHEMA, MANIFEST, require, row_keys
@@ -135,7 +135,7 @@ def generate(
     engine (`engine()`, a context manager giving one that steers with the spec's vectors, e.g. a
     SharedEngine; default: one started here and stopped after), or through Ray Data on
     `replicas` engines (jobs/ray_data.py); return the manifest."""
-    from steer_batch.engine.launch import SharedEngine
+    from steer_batch.driver.launch import SharedEngine
 
     manifest = prepare_out(out, spec)
     writer, done = ArrowStream.open(out / GENERATIONS, GENERATIONS_SCHEMA, resume=True)
@@ -157,7 +157,7 @@ def generate(
 
 def steering_engine(spec: RunSpec, engine_kwargs: dict | None = None):
     """An engine steering with the run's vectors."""
-    from steer_batch.engine.launch import make_llm
+    from steer_batch.driver.launch import make_llm
 
     return make_llm(spec.model, {name: v["path"] for name, v in spec.vectors.items()}, **(engine_kwargs or {}))
 
@@ -165,7 +165,7 @@ def steering_engine(spec: RunSpec, engine_kwargs: dict | None = None):
 def scoring_engine(out: Path, engine_kwargs: dict | None = None):
     """An eager engine on the run's model for classification's nll pass (prefill only, no
     steering: compiling would not pay)."""
-    from steer_batch.engine.launch import make_llm
+    from steer_batch.driver.launch import make_llm
 
     spec = json.loads(require(out, MANIFEST, f"run `steer-batch run --out {out}`").read_text())["spec"]
     return make_llm(spec["model"], **{**(engine_kwargs or {}), "enforce_eager": True})
@@ -174,7 +174,7 @@ def scoring_engine(out: Path, engine_kwargs: dict | None = None):
 def classify_run(out: Path, classifier: str | None = None, engine=None) -> str:
     """eval.classify.classify with its nll pass on `engine` (a SharedEngine of the run), or on
     a scoring engine started here when a row needs it."""
-    from steer_batch.engine.launch import SharedEngine
+    from steer_batch.driver.launch import SharedEngine
     from steer_batch.eval.classify import classify
 
     with SharedEngine(lambda: scoring_engine(out)) as own:
@@ -196,6 +196,10 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
     engine = llm.llm_engine
     s = spec.sampling
     meta = {}
+    # vLLM's engine input of each prompt (its renderer, as LLM.generate uses it): tokenized once,
+    # however many requests share the prompt.
+    pids = sorted({pid for pid, _, _ in todo})
+    rendered = dict(zip(pids, llm.renderer.render_cmpl([{"prompt": prompts[pid]} for pid in pids]))) if pids else {}
     for k, (pid, vector, alpha) in enumerate(todo):
         seed = spec.seed(pid, vector, alpha)
         params = SamplingParams(
@@ -209,7 +213,7 @@ def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bo
             logprobs=0 if Entry(vector, alpha, spec.op, spec.scope).no_op else None,
         )
         request_id = str(k)
-        engine.add_request(request_id, prompts[pid], params)
+        engine.add_request(request_id, dict(rendered[pid]), params)
         meta[request_id] = (pid, vector, alpha, seed)
     pending, last_flush, tokens, start = [], time.monotonic(), 0, time.monotonic()
     bar = tqdm(total=len(todo), unit="req", disable=not progress, file=sys.stderr, desc="generating", mininterval=1.0)
@@ -360,9 +364,9 @@ def run(
     """
     from transformers import AutoConfig
 
-    from steer_batch.engine.capture import capture_defaults
-    from steer_batch.engine.launch import SharedEngine, check_plugin_allowed, make_llm, on_cpu
-    from steer_batch.engine.runtime import add_vector
+    from steer_batch.driver.capture import capture_defaults
+    from steer_batch.driver.launch import SharedEngine, check_plugin_allowed, make_llm, on_cpu
+    from steer_batch.driver.runtime import add_vector
     from steer_batch.eval.report import report
     from steer_batch.jobs.extract import default_layers, default_vector, default_vector_path, extract_default
     from steer_batch.vectors.prompts import read_strings
@@ -420,7 +424,7 @@ def run(
     # runtime vectors, the default layers): the same whether or not the vector is cached, so
     # vLLM's compile cache serves every later run (a config naming a file compiles anew per file).
     layers = default_layers(config.num_hidden_layers)
-    default_config = {"steering": {"capture": layers, "runtime_vectors": True, "layers": layers}}
+    default_config = engine_config(capture=layers, runtime_vectors=True, layers=layers)
 
     def default_engine(vector: Path | None):
         # capture_defaults: 32-token blocks on CPU, so the pairs' shared head comes from the prefix

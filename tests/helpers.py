@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from steer_batch import SteeringVector
-from steer_batch.engine import launch
-from steer_batch.engine.launch import close_llm  # noqa: F401  (re-exported for the tests)
+from steer_batch.driver import launch
+from steer_batch.driver.launch import close_llm  # noqa: F401  (re-exported for the tests)
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: tiny models need little
 

@@ -22,8 +22,8 @@ from helpers import (
     oracle_greedy,
 )
 from steer_batch import steering
-from steer_batch.engine.capture import capture_states
-from steer_batch.engine.runtime import add_vector
+from steer_batch.driver.capture import capture_states
+from steer_batch.driver.runtime import add_vector
 
 N_TOKENS = 10
 CAPTURED = [1, 3]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from helpers import hf_last_token_outputs, make_llm, make_model, make_prompts
-from steer_batch.engine.capture import capture_last_token_states
+from steer_batch.driver.capture import capture_last_token_states
 
 LAYERS = [0, 2, 3]
 
@@ -44,7 +44,7 @@ def test_capture_reads_prompts_served_from_the_prefix_cache(tmp_path):
     from vllm import SamplingParams
 
     from helpers import close_llm
-    from steer_batch.engine.capture import capture_defaults, capture_states
+    from steer_batch.driver.capture import capture_defaults, capture_states
 
     model_dir = make_model("llama", tmp_path / "llama")
     head = make_prompts(1, seed=3, min_len=70, max_len=71)[0]

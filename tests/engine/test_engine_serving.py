@@ -21,7 +21,7 @@ from helpers import (
     spike_vector,
 )
 from steer_batch import SteeringVector
-from steer_batch.engine import launch
+from steer_batch.driver import launch
 
 N_TOKENS = 16
 

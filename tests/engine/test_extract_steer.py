@@ -8,7 +8,7 @@ import torch
 
 from helpers import VOCAB, close_llm, generate, load_hf, make_llm, make_model, make_prompts, steered
 from steer_batch import SteeringVector
-from steer_batch.engine.capture import capture_last_token_states
+from steer_batch.driver.capture import capture_last_token_states
 from steer_batch.vectors.methods import build_vector
 
 STEER, READ = 1, 3

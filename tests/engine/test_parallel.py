@@ -23,7 +23,7 @@ from helpers import (
 )
 from steer_batch import SteeringVector, steering
 from steer_batch.cli import main
-from steer_batch.engine.capture import capture_last_token_states
+from steer_batch.driver.capture import capture_last_token_states
 from steer_batch.eval.arrow_stream import read_table
 
 N_TOKENS = 12

@@ -15,6 +15,7 @@ from helpers import load_hf, make_run_inputs
 from steer_batch.cli import main
 from steer_batch.eval import runfiles
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
+from steer_batch.quiet import ADVICE, QUIET_VARIABLE
 
 PROMPTS = ["That game", "I can see", "Hmm, this", "Who is", "Ugh,", "It was my pleasure"]
 ALPHAS = [-2.0, 0.0, 2.0]
@@ -238,20 +239,32 @@ def _cli(setup, out, *flags):
         str(out),
     ]
     # As a user's shell has it: without what in-process CLI runs of other tests set.
-    quieting = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM", "PYTHONWARNINGS", "TORCH_CPP_LOG_LEVEL")
+    quieting = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM", "PYTHONWARNINGS", "TORCH_CPP_LOG_LEVEL", QUIET_VARIABLE)
     env = {k: v for k, v in os.environ.items() if k not in quieting}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     return done.returncode, done.stderr
 
 
 def test_the_cli_is_quiet_unless_verbose(setup, tmp_path):
-    """vLLM's INFO lines only with -v; our progress and summary always."""
+    """Our progress and summary always; vLLM's INFO lines and its advice for other setups (from
+    every one of its processes) only with -v; never the deprecated raw-prompt path, a killed
+    engine process or a leaked resource."""
     code, quiet = _cli(setup, tmp_path / "quiet")
     assert code == 0, quiet[-3000:]
     assert " INFO " not in quiet, [line for line in quiet.splitlines() if " INFO " in line][:5]
     assert "generating" in quiet and "run folder" in quiet
+    advice = [start for starts in ADVICE.values() for start in starts]
+    for line in quiet.splitlines():
+        assert not any(start in line for start in advice), line
+        assert " WARNING " not in line, line  # this run has nothing to warn about
+    for never in ("Passing raw prompts", "force killing", "leaked"):
+        assert never not in quiet, never
     code, verbose = _cli(setup, tmp_path / "verbose", "-v")
     assert code == 0 and verbose.count(" INFO ") >= 10
+    shown = [start for start in advice if start in verbose]
+    assert "Enforce eager set" in shown and len(shown) >= 3, shown  # from the front end, the core, the worker
+    for never in ("Passing raw prompts", "force killing", "leaked"):
+        assert never not in verbose, never
 
 
 def test_several_vectors_with_an_op_and_a_scope(setup, tmp_path):

@@ -1,4 +1,4 @@
-"""Vectors added to and removed from a running compiled engine from Python (engine/runtime.py):
+"""Vectors added to and removed from a running compiled engine from Python (driver/runtime.py):
 the bank rows are written in place, so the compiled graph steers with a vector it never saw at
 start-up, token for token like the HF-hook oracle; capacity, names and removal are enforced."""
 
@@ -7,7 +7,7 @@ from vllm.exceptions import VLLMValidationError
 
 from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
 from steer_batch import steering
-from steer_batch.engine.runtime import RuntimeVectorError, add_vector, list_vectors, remove_vector
+from steer_batch.driver.runtime import RuntimeVectorError, add_vector, list_vectors, remove_vector
 
 N_TOKENS = 12
 
@@ -67,8 +67,8 @@ def test_add_use_remove_and_reuse_a_row_in_a_compiled_engine(setup):
 
 
 def test_an_engine_without_runtime_vectors_refuses_them(tmp_path):
-    from steer_batch.engine.launch import close_llm as close
-    from steer_batch.engine.launch import make_llm as launch
+    from steer_batch.driver.launch import close_llm as close
+    from steer_batch.driver.launch import make_llm as launch
 
     model_dir = make_model("llama", tmp_path / "model")
     make_vector(model_dir, [1], seed=1).save(tmp_path / "v.safetensors")

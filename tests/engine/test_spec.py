@@ -11,7 +11,7 @@ from vllm import SamplingParams
 
 from helpers import close_llm, generate, make_llm, make_model, make_prompts, make_vector, oracle_greedy
 from steer_batch import steering
-from steer_batch.engine.capture import merge_captures
+from steer_batch.driver.capture import merge_captures
 
 N_TOKENS = 12
 # a on layers 1-2, b on 0 and 3, c on 1-3: c shares layers with both, so the order of entries matters.

@@ -3,7 +3,7 @@ keeps up side by side share the GPU's memory instead of each claiming vLLM's def
 
 import pytest
 
-from steer_batch.engine import launch
+from steer_batch.driver import launch
 from steer_batch.jobs.bench import bench_engine_args
 
 

@@ -14,11 +14,10 @@ def capture_last_token_states(model_dir: Path, prompts: list, layers: list[int],
     """[len(prompts), len(layers), hidden] float32: each layer's residual-stream output at each
     prompt's last token, computed by a vLLM engine started for it (`capture_defaults` under
     `engine_kwargs`, which go to make_llm)."""
-    from steer_batch.engine.launch import close_llm, make_llm
+    from steer_batch.driver.launch import close_llm, make_llm
+    from steer_batch.engine.config import engine_config
 
-    llm = make_llm(
-        model_dir, additional_config={"steering": {"capture": list(layers)}}, **capture_defaults(engine_kwargs)
-    )
+    llm = make_llm(model_dir, additional_config=engine_config(capture=list(layers)), **capture_defaults(engine_kwargs))
     try:
         return capture_states(llm, prompts, layers)
     finally:
@@ -32,7 +31,7 @@ def capture_defaults(engine_kwargs: dict) -> dict:
     template + persona, 32 of SmolLM2's ~41 tokens), and the prefix cache only reuses whole
     blocks, so with 128 every prompt is computed in full. 32 is the CPU attention's preferred
     multiple."""
-    from steer_batch.engine.launch import on_cpu
+    from steer_batch.driver.launch import on_cpu
 
     return {"enforce_eager": True, **({"block_size": 32} if on_cpu() else {}), **engine_kwargs}
 

@@ -6,10 +6,14 @@ import contextlib
 import os
 from pathlib import Path
 
+from steer_batch.engine.config import CONFIG_KEY, PLUGIN_NAME, WORKER_EXTENSION, engine_config
 from steer_batch.errors import SteerBatchError, SteeringNotInstalled
 
-PLUGIN_NAME = "steer_batch"  # the entry point's name in pyproject.toml
-WORKER_EXTENSION = "steer_batch.engine.worker.SteeringWorkerExtension"
+# What this project measured for CPU machines (make_llm's docstring), the one place for them:
+# engine arguments (a caller's own win) and the environment of the engine's processes.
+CPU_ENGINE_ARGS = {"dtype": "float32", "gpu_memory_utilization": 0.3}
+CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+SHUTDOWN_SECONDS = 30  # how long close_llm lets the engine's processes exit before they are killed
 
 
 def on_cpu() -> bool:
@@ -31,15 +35,15 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
 
     kwargs = engine_defaults(kwargs)
     if on_cpu():
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        for name, value in CPU_ENV.items():
+            os.environ.setdefault(name, value)
         workers = kwargs.get("tensor_parallel_size", 1) * kwargs.get("pipeline_parallel_size", 1)
         if workers > 1:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(workers))
     kwargs.setdefault("worker_extension_cls", WORKER_EXTENSION)
     if vectors:  # merged into any steering settings passed in additional_config
-        steering = kwargs.setdefault("additional_config", {}).setdefault("steering", {})
-        steering["vectors"] = {name: str(path) for name, path in vectors.items()}
-    asks_steering = "steering" in (kwargs.get("additional_config") or {})
+        kwargs["additional_config"] = engine_config(kwargs.get("additional_config"), vectors)
+    asks_steering = CONFIG_KEY in (kwargs.get("additional_config") or {})
     if asks_steering:
         check_plugin_allowed()
     llm = LLM(model=str(model), **kwargs)
@@ -55,7 +59,7 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
 def engine_defaults(kwargs: dict) -> dict:
     """The engine arguments this project measured for CPU machines (make_llm's docstring) under
     `kwargs`, which win; `kwargs` as they are on a GPU."""
-    return {"dtype": "float32", "gpu_memory_utilization": 0.3, **kwargs} if on_cpu() else dict(kwargs)
+    return {**CPU_ENGINE_ARGS, **kwargs} if on_cpu() else dict(kwargs)
 
 
 def cpu_binding(workers: int) -> str:
@@ -126,6 +130,8 @@ def close_llm(llm) -> None:
     """Shut the engine's processes down now rather than at interpreter exit."""
     import gc
 
-    llm.llm_engine.engine_core.shutdown()
+    # With vLLM's default grace its CPU worker, which takes a few seconds to exit, is killed, and
+    # leaks a shared-memory segment (a warning at exit); given the time it exits cleanly, as fast.
+    llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_SECONDS)
     del llm
     gc.collect()

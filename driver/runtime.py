@@ -7,7 +7,7 @@ row in place, removing clears it. An engine allows it when started with
 `additional_config={"steering": {"runtime_vectors": True}}` (any file) or a directory the files
 must lie in (after resolving symlinks).
 
-    from steer_batch.engine.runtime import add_vector, list_vectors, remove_vector
+    from steer_batch.driver.runtime import add_vector, list_vectors, remove_vector
     add_vector(llm, "calm", "calm.safetensors")      # usable by the next request
     remove_vector(llm, "calm")                       # 409 while a request in the engine holds it
 

@@ -112,6 +112,9 @@ _eager_option = click.option(
 _classifier_option = click.option(
     "--classifier", type=click.Choice(CLASSIFIERS), default=None, help="Default: cardiffnlp when it loads, else vader."
 )
+_max_tokens_option = click.option(
+    "--max-tokens", default=32, show_default=True, type=click.IntRange(1), help="Generated tokens per request."
+)
 _model_option = click.option(
     "--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."
 )
@@ -243,7 +246,7 @@ def convert(source, target, drop_layer_0):
     default=None,
     help="JSON list of prompt strings (default: the 581 RepE sentence beginnings).",
 )
-@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1))
+@_max_tokens_option
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option(
@@ -358,7 +361,7 @@ def run(
     default=None,
     help="JSON list of prompt strings to sample from (default: the 581 RepE sentence beginnings).",
 )
-@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1))
+@_max_tokens_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -459,7 +462,7 @@ def report_command(out):
 
 
 @main.command("bench")
-@click.option("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct).")
+@_model_option
 @click.option(
     "--num-prompts", default=256, show_default=True, help="Requests per configuration (>= 256 for 256 distinct alphas)."
 )
@@ -553,7 +556,7 @@ def bench_seed_command(alphas, keep, evaluate):
 
 
 @main.command("bench-extract")
-@click.option("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct).")
+@_model_option
 @click.option("--method", type=click.Choice(METHODS), default="mean_diff", show_default=True)
 @_verbose
 def bench_extract_command(model, method):
@@ -571,7 +574,7 @@ def bench_extract_command(model, method):
 
 
 @main.command("engine-check")
-@click.option("--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct).")
+@_model_option
 @click.option("--eager", is_flag=True, help="enforce_eager (skip torch.compile and CUDA graphs).")
 @click.option("--max-tokens", default=16, show_default=True, help="Generated tokens per request.")
 @click.option(

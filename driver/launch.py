@@ -130,8 +130,10 @@ def close_llm(llm) -> None:
     """Shut the engine's processes down now rather than at interpreter exit."""
     import gc
 
+    from steer_batch.engine import hooks  # imports vLLM: loaded by now, not before make_llm
+
     # With vLLM's default grace its CPU worker, which takes a few seconds to exit, is killed, and
     # leaks a shared-memory segment (a warning at exit); given the time it exits cleanly, as fast.
-    llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_SECONDS)
+    hooks.shutdown(llm, SHUTDOWN_SECONDS)
     del llm
     gc.collect()

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from steer_batch.engine import hooks
 from steer_batch.engine.config import VectorSpec, check_vector_name
 from steer_batch.engine.frontend import Registry
 from steer_batch.errors import SteerBatchError
@@ -62,9 +63,7 @@ def add_vector(llm, name: str, path: str | Path) -> dict:
     listing entry."""
     registry, add = _prepare_add(llm, name, path)
     try:
-        _engine(llm).collective_rpc(
-            "steer_batch_add_vector", args=(name, add.spec.path, add.data, add.spec.sha256, add.row)
-        )
+        llm.collective_rpc("steer_batch_add_vector", args=(name, add.spec.path, add.data, add.spec.sha256, add.row))
     except BaseException:
         _release(registry, name)
         raise
@@ -89,7 +88,7 @@ def remove_vector(llm, name: str) -> None:
     finished or aborted holds it (engine/bank.py)."""
     registry, spec = _withdraw(llm, name)
     try:
-        users = _in_use(_engine(llm).collective_rpc("steer_batch_remove_vector", args=(name, registry.rows[name])))
+        users = _in_use(llm.collective_rpc("steer_batch_remove_vector", args=(name, registry.rows[name])))
     except BaseException:
         _restore(registry, name, spec)
         raise
@@ -110,7 +109,7 @@ async def remove_vector_async(engine_client, name: str, wait: float = WAIT_SECON
     409 after), then clears the row."""
     registry, spec = _withdraw(engine_client, name)
     deadline = time.monotonic() + wait
-    states = engine_client.output_processor.request_states
+    states = hooks.live_requests(hooks.processors(engine_client)[1])
     try:
         while users := _in_use(
             await engine_client.collective_rpc("steer_batch_remove_vector", args=(name, registry.rows[name]))
@@ -138,19 +137,14 @@ def _in_use(results: list[dict]) -> list[str]:
 
 
 def _describe_users(engine, users: list[str]) -> str:
-    states = _engine(engine).output_processor.request_states
-    ids = [getattr(states.get(rid), "external_req_id", None) or rid for rid in users]
+    output_processor = hooks.processors(engine)[1]
+    ids = [hooks.external_id(output_processor, rid) for rid in users]
     shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
     return f"request{'s' if len(ids) > 1 else ''} {shown}"
 
 
-def _engine(engine):
-    """The object holding the processors: an LLM's LLMEngine, or the engine itself."""
-    return getattr(engine, "llm_engine", engine)
-
-
 def _registry(engine) -> Registry:
-    return Registry.of(_engine(engine).input_processor)
+    return Registry.of(hooks.processors(engine)[0])
 
 
 def _describe(spec: VectorSpec, vector: SteeringVector | None = None) -> dict:
@@ -234,7 +228,7 @@ def _check_add(engine, registry: Registry, name: str, path: str | Path) -> _Addi
             f"all {config.max_vectors} bank rows are in use (the engine's max_vectors); remove a vector first",
             409,
         )
-    model_config = _engine(engine).input_processor.vllm_config.model_config
+    model_config = hooks.processors(engine)[0].vllm_config.model_config
     hf = model_config.hf_text_config
     try:
         data = read_file(resolved)

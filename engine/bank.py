@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from steer_batch.engine import codec
+from steer_batch.engine import codec, hooks
 from steer_batch.errors import SteerBatchError
 
 
@@ -73,7 +73,7 @@ def in_use(requests, row: int) -> list[str]:
     """Ids of the requests (the engine core scheduler's, request id -> Request) holding `row`."""
     users = []
     for rid, request in requests.items():
-        plan = codec.plan_of(getattr(request.sampling_params, "extra_args", None))
+        plan = codec.plan_of(hooks.extra_args(request))
         if plan is not None and any(r == row for r, _ in codec.held_rows(plan)):
             users.append(rid)
     return users

@@ -16,9 +16,8 @@ from pathlib import Path
 from vllm import envs
 from vllm.exceptions import VLLMValidationError
 from vllm.logger import init_logger
-from vllm.v1.engine import FinishReason
 
-from steer_batch.engine import codec
+from steer_batch.engine import codec, hooks
 from steer_batch.engine.config import (
     CONFIG_KEY,
     VECTOR_KEY,
@@ -194,12 +193,13 @@ class Registry:
     @classmethod
     def of(cls, processor) -> Registry:
         """The registry of the engine whose InputProcessor is `processor` (made on first use)."""
-        if not hasattr(processor, "_steer_batch_registry"):
+        registry = hooks.keep(processor, "registry")
+        if registry is None:
             config = SteeringConfig.from_additional_config(processor.vllm_config.additional_config)
             rows = {name: row for row, name in enumerate(config.vectors)} if config else {}
-            processor._steer_batch_registry = registry = cls(config, rows)
+            registry = hooks.keep(processor, "registry", cls(config, rows))
             _REGISTRIES[registry.token] = registry
-        return processor._steer_batch_registry
+        return registry
 
     def resolves(self, plan: dict) -> str | None:
         """None if every vector the plan was resolved to still sits in its row; else the name
@@ -232,17 +232,17 @@ def admit(processor, request, spec: SteeringSpec | None):
     here once) and its prefix-cache salt. Unsteered requests (every entry a no-op included) get
     neither, so they share KV blocks with stock traffic; otherwise the salt covers the whole
     spec: each entry's vector file (sha256), alpha, op and scope, and the positions."""
-    params = request.sampling_params
-    extra_args = {k: v for k, v in (getattr(params, "extra_args", None) or {}).items() if k != codec.PLAN_KEY}
-    if params is not None and params.extra_args is not None:
-        params.extra_args = extra_args  # a client's own plan never reaches the engine
+    given = hooks.extra_args(request)
+    extra_args = {k: v for k, v in (given or {}).items() if k != codec.PLAN_KEY}
+    if given is not None:
+        hooks.set_extra_args(request, extra_args)  # a client's own plan never reaches the engine
     if spec is None:
         return request
     registry = Registry.of(processor)
     with registry.lock:
         sha = {name: vector.sha256 for name, vector in registry.config.vectors.items()}
         plan = codec.encode(spec, registry.rows, sha, registry.token)
-    params.extra_args = {**extra_args, codec.PLAN_KEY: plan}
+    hooks.set_extra_args(request, {**extra_args, codec.PLAN_KEY: plan})
     entries = ";".join(f"{e.vector}@{sha[e.vector]}:{e.alpha!r}:{e.op}:{e.scope}" for e in spec.entries)
     salt = f"steer-batch:{entries}:{spec.positions}"
     request.cache_salt = salt if request.cache_salt is None else f"{salt}|{request.cache_salt}"
@@ -254,7 +254,7 @@ def hand_over(request) -> None:
     core (engine/hooks.py): refuse it if a vector it was resolved to has been removed or replaced
     since its validation (which may run on another thread). A removal first withdraws the name
     under the same lock, so once it has, no request holding the vector reaches the core after it."""
-    plan = codec.plan_of(getattr(request.sampling_params, "extra_args", None))
+    plan = codec.plan_of(hooks.extra_args(request))
     if plan is None:
         return
     registry = _REGISTRIES.get(plan.get("bank"))
@@ -277,20 +277,15 @@ def fail_non_finite(processor, outputs) -> list[str]:
     runs, which must be aborted there."""
     running = []
     for output in outputs:
-        if (
-            not output.num_nans_in_logits
-            or output.finish_reason == FinishReason.ERROR
-            or output.request_id not in processor.request_states
-        ):
+        nans = hooks.nan_logits(output)
+        if not nans or hooks.is_error_finish(output) or output.request_id not in hooks.live_requests(processor):
             continue
         logger.warning(
             "steer-batch: request %s: %d NaN values in its logits (its hidden states overflowed); "
             "finished with an error instead of returning them as text",
-            processor.request_states[output.request_id].external_req_id,
-            output.num_nans_in_logits,
+            hooks.external_id(processor, output.request_id),
+            nans,
         )
-        if output.finish_reason is None:
+        if hooks.finish_with_error(output):
             running.append(output.request_id)
-        output.new_token_ids, output.new_logprobs = [], None
-        output.finish_reason, output.stop_reason = FinishReason.ERROR, None
     return running

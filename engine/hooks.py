@@ -1,17 +1,24 @@
-"""Every patch steer-batch makes to vLLM, in one place.
+"""Every touch of vLLM internals, in one place: the patches, and the accessors for what the
+rest of steer-batch reads or writes of vLLM's objects.
 
 vLLM's public seams carry most of the plugin: model registration (`ModelRegistry`), per-request
 `SamplingParams.extra_args`, `additional_config` (hashed into the compile-cache key),
-`cache_salt`, `worker_extension_cls`. What they do not reach is wrapped here, each wrapper
-calling into the module that holds the logic; and `swap_class` is the one way steer-batch
-changes the class of a vLLM object. Each entry says what it wraps, why no public seam
-serves, and the parameters the wrapper relies on; `install()` runs in every vLLM process (from
-the plugin's `register()`) and refuses to start, naming the supported versions, when vLLM is
-not one this module was checked against or a wrapped signature moved. A vLLM whose internals
-moved must stop the engine, never steer wrongly or silently not at all.
+`cache_salt`, `worker_extension_cls`. What they do not reach is wrapped here (PATCHES), each
+wrapper calling into the logic it is handed (`Handlers`, from engine/plugin.py); `swap_class` is
+the one way steer-batch changes the class of a vLLM object; and every other read or write of a
+vLLM internal (the V1 runner's persistent batch and request states, the output processor's
+request states, the engine core scheduler's requests, the decoder stack, an EngineCoreOutput)
+goes through a named accessor below that says what it touches and why. Each patch says what it
+wraps, why no public seam serves, and the parameters the wrapper relies on; `install()` runs in
+every vLLM process (from the plugin's `register()`) and refuses to start, naming the supported
+versions, when vLLM is not one this module was checked against, a wrapped signature moved, or a
+class attribute an accessor calls (ACCESSED) is gone. A vLLM whose internals moved must stop the
+engine, never steer wrongly or silently not at all: a vLLM upgrade shows in this file what to
+re-check.
 
 Checked against vLLM 0.32.0 (the installed CPU wheel, whose code paths the GPU wheel shares)
-and the source of the vLLM 0.33.0 GPU wheel (the wrapped methods keep 0.32's signatures).
+and the source of the vLLM 0.33.0 GPU wheel (the wrapped methods keep 0.32's signatures, and the
+accessed attributes are there).
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.v1.engine import FinishReason
+from vllm.v1.utils import CpuGpuBuffer
 
 from steer_batch.errors import SteeringNotInstalled
 
@@ -117,7 +129,7 @@ def _add_request(original, on: Handlers):
 def _collective_rpc(original, on: Handlers):
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
         if method == "steer_batch_remove_vector":
-            users = on.in_use(self.scheduler.requests, args[1])
+            users = on.in_use(scheduler_requests(self), args[1])
             if users:  # the workers are not asked: the row stays
                 return [{"in_use": users}]
         return original(self, method, timeout, args, kwargs)
@@ -170,6 +182,167 @@ def _process_outputs(original, on: Handlers):
         return result
 
     return process_outputs
+
+
+# -- Accessors: every read or write of vLLM internals outside the wraps above. Each says what it
+# touches and why; the class attributes they call are listed in ACCESSED and checked, like the
+# wrapped signatures, when the plugin installs (instance fields are named in each docstring).
+
+
+def batch_requests(runner, num_requests: int):
+    """(request ids, tokens each had computed before this step) of the V1 runner's persistent
+    batch, in the order of the step's tokens (`input_batch.req_ids`, `num_computed_tokens_cpu`):
+    the per-token steering buffers follow that order."""
+    batch = runner.input_batch
+    return batch.req_ids[:num_requests], batch.num_computed_tokens_cpu[:num_requests]
+
+
+def runner_request(runner, req_id: str):
+    """(extra_args, prompt length, max_tokens) of a request the runner holds (`requests[id]`, a
+    CachedRequestState), from its first step to its finish or abort."""
+    request = runner.requests[req_id]
+    params = request.sampling_params
+    return (params.extra_args if params else None), request.num_prompt_tokens, (params.max_tokens if params else None)
+
+
+def extra_args(request) -> dict | None:
+    """`sampling_params.extra_args` of an EngineCoreRequest (front end) or a Request (engine
+    core); None for a pooling request."""
+    params = request.sampling_params
+    return params.extra_args if params is not None else None
+
+
+def set_extra_args(request, args: dict) -> None:
+    """Replace the extra_args of the request's own SamplingParams (vLLM cloned them per request)."""
+    request.sampling_params.extra_args = args
+
+
+def runner_model(runner):
+    """The model a V1 runner (or a worker's runner) runs (`get_model()`)."""
+    return runner.get_model()
+
+
+def worker_runner(worker):
+    """A worker's model runner (`model_runner`): the worker extension reaches the model through it."""
+    return worker.model_runner
+
+
+_READ = object()
+
+
+def keep(vllm_object, name: str, value=_READ, default=None):
+    """steer-batch's own state on a vLLM object (`_steer_batch_<name>`): read it (no value) or
+    set it. One step filler per runner, one registry per input processor."""
+    attribute = f"_steer_batch_{name}"
+    if value is _READ:
+        return getattr(vllm_object, attribute, default)
+    setattr(vllm_object, attribute, value)
+    return value
+
+
+def staging_buffer(target):
+    """Host staging for a device buffer, with vLLM's own type (`vllm.v1.utils.CpuGpuBuffer`:
+    pinned, copied without blocking); on the CPU its host side is the buffer itself."""
+    buffer = CpuGpuBuffer(*target.shape, dtype=target.dtype, device=target.device)
+    if target.device.type == "cpu":
+        buffer.cpu, buffer.np = target, target.numpy()
+    buffer.gpu = target
+    return buffer
+
+
+def ensure_stage_input(runner) -> None:
+    """vLLM 0.32 allocates a later pipeline stage's buffer for the activations it receives
+    (`intermediate_tensors`) only in its warm-up dummy run, which eager CPU engines skip (stock
+    vLLM then fails the first step with an AssertionError): allocate it as that run does."""
+    if runner.intermediate_tensors is None and not get_pp_group().is_first_rank:
+        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
+        )
+
+
+def build_kv_zeroer(runner) -> None:
+    """Build the GPU runner's KV-block zeroer (`_init_kv_zero_meta`, which sets
+    `_kv_block_zeroer`), which vLLM builds only for Mamba or mixed-precision caches; the CPU
+    runner zeroes blocks without it."""
+    if runner.device.type == "cuda" and not hasattr(runner, "_kv_block_zeroer"):
+        runner._init_kv_zero_meta()
+
+
+def decoder_stack(model):
+    """(decoder, this pipeline stage's layer indices) of a *ForCausalLM: `model.model`, its
+    `layers` and `[start_layer, end_layer)`."""
+    decoder = model.model
+    return decoder, range(decoder.start_layer, decoder.end_layer)
+
+
+def next_norm(decoder, i: int):
+    """The module that receives layer i's (hidden_states, residual) first: the next layer's
+    `input_layernorm`, or the decoder's final `norm`; and whether it is a plain weighted RMSNorm
+    (`has_weight`, no `variance_size_override`) that a steering add may be folded into."""
+    norm = decoder.layers[i + 1].input_layernorm if i + 1 < decoder.end_layer else decoder.norm
+    plain = type(norm) is RMSNorm and norm.has_weight and norm.variance_size_override is None
+    return norm, plain
+
+
+def processors(engine):
+    """(input processor, output processor) of an `LLM`, `LLMEngine` or `AsyncLLM`."""
+    engine = getattr(engine, "llm_engine", engine)
+    return engine.input_processor, engine.output_processor
+
+
+def live_requests(output_processor) -> dict:
+    """The output processor's requests (`request_states`: internal id -> state), from their
+    hand-over to their finish or abort."""
+    return output_processor.request_states
+
+
+def external_id(output_processor, req_id: str) -> str:
+    """The caller's id of an internal request id (`external_req_id`), or the id itself once gone."""
+    state = output_processor.request_states.get(req_id)
+    return getattr(state, "external_req_id", None) or req_id
+
+
+def scheduler_requests(engine_core) -> dict:
+    """The engine core scheduler's requests (`scheduler.requests`: id -> Request), from their
+    arrival to their finish or abort: waiting, running and preempted."""
+    return engine_core.scheduler.requests
+
+
+def nan_logits(output) -> int:
+    """vLLM's per-request count of NaN logits in a step's EngineCoreOutput (`num_nans_in_logits`)."""
+    return output.num_nans_in_logits
+
+
+def finish_with_error(output):
+    """Make a step's EngineCoreOutput an error finish without its tokens; returns whether the
+    engine core still runs the request (it had not finished it)."""
+    running = output.finish_reason is None
+    output.new_token_ids, output.new_logprobs = [], None
+    output.finish_reason, output.stop_reason = FinishReason.ERROR, None
+    return running
+
+
+def is_error_finish(output) -> bool:
+    return output.finish_reason == FinishReason.ERROR
+
+
+def shutdown(llm, timeout: float) -> None:
+    """Stop an `LLM`'s engine processes, waiting up to `timeout` seconds for them to exit."""
+    llm.llm_engine.engine_core.shutdown(timeout=timeout)
+
+
+def engine_vllm_config(llm):
+    """The VllmConfig an `LLM` runs with (what vLLM decided: dtype, runner, async scheduling)."""
+    return llm.llm_engine.vllm_config
+
+
+# (module:Class, attribute) the accessors call on a class; checked at install.
+ACCESSED = (
+    ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "get_model"),
+    ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_init_kv_zero_meta"),
+    ("vllm.v1.engine.core_client:MPClient", "shutdown"),
+    ("vllm.v1.utils:CpuGpuBuffer", "copy_to_gpu"),
+)
 
 
 PATCHES = (
@@ -276,11 +449,23 @@ def check_signature(patch: Patch, original: Callable, version: str) -> None:
         )
 
 
+def check_accessed(version: str) -> None:
+    for owner, attribute in ACCESSED:
+        module, cls = owner.split(":")
+        if not hasattr(getattr(importlib.import_module(module), cls), attribute):
+            raise SteeringNotInstalled(
+                f"vLLM {version} has no {owner.replace(':', '.')}.{attribute}, which steer-batch reads (checked "
+                f"against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); install a checked vLLM or a steer-batch "
+                "release that supports this one"
+            )
+
+
 def install(handlers: Handlers) -> None:
     """Apply every patch once per process (the plugin may run more than once)."""
     import vllm
 
     version = vllm.__version__
     check_version(version)
+    check_accessed(version)
     for patch in PATCHES:
         patch.apply(version, handlers)

@@ -17,7 +17,6 @@ import os
 import torch
 from torch import nn
 from vllm.logger import init_logger
-from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.models.gemma2 import Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3ForCausalLM
 from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -26,9 +25,9 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 import steer_batch.kernels.ops  # noqa: F401  (registers torch.ops.steer_batch.*)
+from steer_batch.engine import hooks
 from steer_batch.engine.bank import BankManager
 from steer_batch.engine.config import SteeringConfig
-from steer_batch.engine.hooks import swap_class
 from steer_batch.errors import SteerBatchError
 from steer_batch.kernels import steer_add, steer_add_
 from steer_batch.vectors.vector import SteeringVector, read_file
@@ -156,10 +155,8 @@ def _consumer_norm(decoder: nn.Module, i: int) -> nn.Module | None:
     """The plain RMSNorm that receives layer i's (hidden_states, residual) first: the next
     layer's input_layernorm, or the final norm. None where there is no such norm (Gemma's
     norms, a pipeline-stage boundary), and layer i then adds on its own."""
-    norm = decoder.layers[i + 1].input_layernorm if i + 1 < decoder.end_layer else decoder.norm
-    if type(norm) is RMSNorm and norm.has_weight and norm.variance_size_override is None:
-        return norm
-    return None
+    norm, plain = hooks.next_norm(decoder, i)
+    return norm if plain else None
 
 
 def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> SteeringState:
@@ -167,7 +164,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     The front end validated the config (engine/frontend.py); this re-checks only what it loads
     itself: each vector file against the sha256 pinned there."""
     hf = vllm_config.model_config.hf_text_config
-    decoder = model.model
+    decoder, local = hooks.decoder_stack(model)  # local: this pipeline stage's layers
     vectors = {}
     for name, spec in config.vectors.items():
         data = read_file(spec.path)  # read once: what is checked is what is loaded
@@ -190,7 +187,6 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     sched = vllm_config.scheduler_config
     max_tokens = max(sched.max_num_batched_tokens, vllm_config.compilation_config.max_cudagraph_capture_size or 0)
     param = next(decoder.parameters())
-    local = range(decoder.start_layer, decoder.end_layer)  # this pipeline stage's layers
     with torch.device(param.device):
         captured = tuple(i for i in config.capture if i in local)
         state = SteeringState(config, max_tokens, hf.hidden_size, sched.max_num_seqs, captured)
@@ -200,7 +196,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
     folded = []
     for i in sorted(set(steered) | set(state.capture_layers)):
         layer = decoder.layers[i]
-        swap_class(layer, _SteeredLayer)
+        hooks.swap_class(layer, _SteeredLayer)
         if i in state.capture_layers:
             state.attach_capture(i, layer)
         else:
@@ -217,7 +213,7 @@ def install_steering(model: nn.Module, config: SteeringConfig, vllm_config) -> S
                 V[row] = v.directions[i]
         target = layer
         if norm is not None:
-            swap_class(norm, _SteeredNorm)
+            hooks.swap_class(norm, _SteeredNorm)
             target = norm
             folded.append(i)
         state.attach(i, target, V.to(param.device))

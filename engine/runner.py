@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from vllm.distributed import get_pp_group
-from vllm.logger import init_logger
-from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from steer_batch.engine import hooks
 from steer_batch.engine.config import SteeringConfig, asks_steering
 from steer_batch.engine.model import SteeringState
 from steer_batch.errors import SteeringNotInstalled
 from steer_batch.kernels.step_inputs import StepInputs
-
-logger = init_logger(__name__)
 
 
 class StepFiller:
@@ -29,7 +25,8 @@ class StepFiller:
         self.state = state
         active = state.active if state.active.device.type == "cpu" else None
         self.inputs = StepInputs(state.p, state.q, state.r, state.vid, active)
-        self.capture_staging = self._staging(state.capture_rows)
+        self.capture_staging = hooks.staging_buffer(state.capture_rows)  # filled while vLLM's runner holds
+        # its input-preparation event, copied without blocking
         self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan (kernels/step_inputs.py)
         self.unsteered = np.zeros((6, state.p.shape[1]))
         self.capture_ids: list[str] = []  # requests whose prompt ends in the step being run
@@ -37,22 +34,10 @@ class StepFiller:
         self.pending: list[tuple[list[str], torch.Tensor, torch.cuda.Event | None]] = []
         self.captured: dict[str, torch.Tensor] = {}  # req_id -> [capture layers, hidden] float32
 
-    @staticmethod
-    def _staging(target: torch.Tensor) -> CpuGpuBuffer:
-        # Host staging with vLLM's own buffer type (pinned, copied without blocking), filled while
-        # vLLM's runner holds its input-preparation event. On CPU the staging is the buffer itself.
-        buffer = CpuGpuBuffer(*target.shape, dtype=target.dtype, device=target.device)
-        if target.device.type == "cpu":
-            buffer.cpu, buffer.np = target, target.numpy()
-        buffer.gpu = target
-        return buffer
-
     def plan(self, req_id: str, runner: GPUModelRunner) -> np.ndarray | None:
         if req_id not in self.plans:
-            request = runner.requests[req_id]
-            self.plans[req_id] = self.state.bank.plan(
-                req_id, request.sampling_params.extra_args, request.num_prompt_tokens
-            )
+            extra_args, prompt_len, _ = hooks.runner_request(runner, req_id)
+            self.plans[req_id] = self.state.bank.plan(req_id, extra_args, prompt_len)
         return self.plans[req_id]
 
     def flush_captures(self) -> None:
@@ -93,12 +78,11 @@ class StepFiller:
         a row for each of them until the engine stops."""
         rows, ids = [], []
         start = 0
+        _, computed_tokens = hooks.batch_requests(runner, len(req_ids))
         for r, rid in enumerate(req_ids):
-            request = runner.requests[rid]
-            prompt_len = request.num_prompt_tokens
-            computed = int(runner.input_batch.num_computed_tokens_cpu[r])
-            prefill_only = request.sampling_params is not None and request.sampling_params.max_tokens == 1
-            if prefill_only and computed < prompt_len <= computed + num_scheduled_tokens[r]:
+            _, prompt_len, max_tokens = hooks.runner_request(runner, rid)
+            computed = int(computed_tokens[r])
+            if max_tokens == 1 and computed < prompt_len <= computed + num_scheduled_tokens[r]:
                 rows.append(start + prompt_len - 1 - computed)
                 ids.append(rid)
             start += int(num_scheduled_tokens[r])
@@ -110,7 +94,7 @@ class StepFiller:
             staging.copy_to_gpu()
 
     def fill(self, runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
-        req_ids = runner.input_batch.req_ids[: len(num_scheduled_tokens)]
+        req_ids, computed = hooks.batch_requests(runner, len(num_scheduled_tokens))
         if self.state.capture_layers:
             self.flush_captures()
             self.collect_captures(wait=False)
@@ -120,36 +104,30 @@ class StepFiller:
         self.plans = {rid: plan for rid, plan in zip(req_ids, plans)}
         steered = any(plan is not None for plan in plans)
         stacked = np.stack([self.unsteered if plan is None else plan for plan in plans]) if steered else None
-        computed = runner.input_batch.num_computed_tokens_cpu[: len(num_scheduled_tokens)]
         self.inputs.fill(stacked, num_scheduled_tokens, computed)
 
 
 def fill_step(runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
     """After `_prepare_inputs`, before the forward (engine/hooks.py): fill this step's buffers."""
-    filler = getattr(runner, "_steer_batch_filler", False)
+    filler = hooks.keep(runner, "filler", default=False)
     if filler is False:  # first step: resolve once whether this engine steers
-        filler = runner._steer_batch_filler = _make_filler(runner)
+        filler = hooks.keep(runner, "filler", _make_filler(runner))
     if filler is not None:
         filler.fill(runner, num_scheduled_tokens)
 
 
 def _make_filler(runner: GPUModelRunner) -> StepFiller | None:
-    state = getattr(runner.get_model(), "steering", None)
+    model = hooks.runner_model(runner)
+    state = getattr(model, "steering", None)
     config = SteeringConfig.from_additional_config(runner.vllm_config.additional_config)
     if config is None:
         return None
     if not isinstance(state, SteeringState):
         raise SteeringNotInstalled(
-            f"steering was asked for, but model {type(runner.get_model()).__name__} has no steering "
+            f"steering was asked for, but model {type(model).__name__} has no steering "
             "installed: its architecture is not one steer-batch supports, or the plugin did not load"
         )
-    # vLLM 0.32 allocates a later pipeline stage's buffer for the activations it receives only
-    # in its warm-up dummy run, which eager CPU engines skip (stock vLLM then fails the first
-    # step with an AssertionError): allocate it as that run does.
-    if runner.intermediate_tensors is None and not get_pp_group().is_first_rank:
-        runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
-            batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
-        )
+    hooks.ensure_stage_input(runner)
     return StepFiller(runner, state)
 
 
@@ -158,7 +136,5 @@ def build_kv_zeroer(runner: GPUModelRunner) -> None:
     for freshly allocated KV blocks to be zeroed (hooks.py, `_ZeroFreshBlocks`). The CPU runner
     zeroes them itself; the GPU runner needs its zeroer, which vLLM builds here only for Mamba or
     mixed-precision caches, and then warms (compiles its Triton kernel) in its kernel warm-up."""
-    if not asks_steering(runner.vllm_config.additional_config):
-        return
-    if runner.device.type == "cuda" and not hasattr(runner, "_kv_block_zeroer"):
-        runner._init_kv_zero_meta()
+    if asks_steering(runner.vllm_config.additional_config):
+        hooks.build_kv_zeroer(runner)

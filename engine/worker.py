@@ -8,6 +8,7 @@ cannot import the extension) instead of running unsteered."""
 
 import numpy as np
 
+from steer_batch.engine import hooks
 from steer_batch.engine.plugin import register
 
 register()
@@ -15,7 +16,7 @@ register()
 
 class SteeringWorkerExtension:
     def _steering(self):
-        return getattr(self.model_runner.get_model(), "steering", None)
+        return getattr(hooks.runner_model(hooks.worker_runner(self)), "steering", None)
 
     def steer_batch_layout(self) -> dict:
         """Where this worker steers: {"added": layers that add after themselves, "folded":
@@ -35,7 +36,7 @@ class SteeringWorkerExtension:
 
         if hashlib.sha256(data).hexdigest() != sha256:
             raise SteerBatchError(f"steering vector {name!r}: the bytes sent for {path} do not match their sha256")
-        hf = self.model_runner.vllm_config.model_config.hf_text_config
+        hf = hooks.worker_runner(self).vllm_config.model_config.hf_text_config
         vector = SteeringVector.for_model(name, data, path, hf.hidden_size, hf.num_hidden_layers)
         self._steering().bank.add(row, name, path, sha256, vector)
 
@@ -50,7 +51,7 @@ class SteeringWorkerExtension:
         "shape": [requests, layers, hidden], "data": float32 bytes}: raw
         bytes, because vLLM's RPC serializer passes tensors and arrays on in a form that is not
         decoded at the other end."""
-        filler = getattr(self.model_runner, "_steer_batch_filler", None)
+        filler = hooks.keep(hooks.worker_runner(self), "filler")
         if not filler:
             return {"ids": [], "layers": [], "shape": [0], "data": b""}
         filler.flush_captures()

@@ -134,6 +134,7 @@ def bench(
     Progress on stderr."""
     from steer_batch.data import sentence_beginnings
     from steer_batch.driver.launch import close_llm, make_llm, on_cpu
+    from steer_batch.engine import hooks
     from steer_batch.jobs.models import resolve_model
 
     model_dir = resolve_model(model)
@@ -154,7 +155,7 @@ def bench(
             # one 10 s measurement varies by about +-5%).
             files = {n: Path(tmp) / f"{n}.safetensors" for n in vectors}
             engines["steer"] = make_llm(model_dir, files, **engine_args)
-            dtype = engines["steer"].llm_engine.model_config.dtype  # the HF baseline runs in it too
+            dtype = hooks.engine_vllm_config(engines["steer"]).model_config.dtype  # the HF baseline runs in it too
             runs = [(name, engines["steer"], args) for name, args in configs.items()]
             for k in others:  # what unused slots cost: the same engine with k slots per token
                 steering = engine_config(max_vectors_per_request=k)

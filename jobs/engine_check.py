@@ -73,6 +73,7 @@ def engine_check(
     from steer_batch.driver.capture import capture_states
     from steer_batch.driver.launch import close_llm, make_llm, on_cpu
     from steer_batch.driver.runtime import add_vector
+    from steer_batch.engine import hooks
     from steer_batch.engine.config import engine_config
     from steer_batch.jobs.bench import random_vector, spread, vllm_tok_s
     from steer_batch.jobs.extract import hf_last_token_states
@@ -101,7 +102,7 @@ def engine_check(
         llm = make_llm(model_dir, **engine)
         stock = [_generate(llm, g, [None] * len(g), max_tokens) for g in groups]
         tok_s["stock vLLM (default runner)"] = vllm_tok_s(llm, many, [None] * 256, max_tokens)
-        runner_v2 = llm.llm_engine.vllm_config.use_v2_model_runner
+        runner_v2 = hooks.engine_vllm_config(llm).use_v2_model_runner
         close_llm(llm)
         if gpu and runner_v2:
             _log("stock vLLM, V1 runner")
@@ -116,7 +117,7 @@ def engine_check(
         _log("steering engine")
         steer_config = engine_config(capture=captured, runtime_vectors=True, layers=layers, max_abs_alpha=1e31)
         llm = make_llm(model_dir, {"v": path}, additional_config=steer_config, **engine)
-        checks.add("steering engine runs the V1 runner", not llm.llm_engine.vllm_config.use_v2_model_runner)
+        checks.add("steering engine runs the V1 runner", not hooks.engine_vllm_config(llm).use_v2_model_runner)
         for g, want in zip(groups, stock):
             for name, args in (("unsteered", None), ("alpha 0", steering("v", 0.0))):
                 got = _generate(llm, g, [args] * len(g), max_tokens)
@@ -139,8 +140,8 @@ def engine_check(
         tok_s["steering engine, unsteered"] = vllm_tok_s(llm, many, [None] * 256, max_tokens)
         alphas_256 = [steering("v", float(a)) for a in spread(256)]
         tok_s["steering engine, 256 alphas"] = vllm_tok_s(llm, many, alphas_256, max_tokens)
-        async_on = llm.llm_engine.vllm_config.scheduler_config.async_scheduling
-        dtype = llm.llm_engine.model_config.dtype
+        async_on = hooks.engine_vllm_config(llm).scheduler_config.async_scheduling
+        dtype = hooks.engine_vllm_config(llm).model_config.dtype
         close_llm(llm)
         if gpu and async_on:
             _log("steering engine, async scheduling off")

@@ -13,19 +13,35 @@ what is needed to redo it.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+from transformers import AutoConfig
+from vllm import SamplingParams
+
+from steer_batch.driver.capture import capture_defaults
+from steer_batch.driver.launch import SharedEngine, check_plugin_allowed, make_llm, on_cpu
+from steer_batch.driver.runtime import add_vector
 from steer_batch.engine.config import OPS, SCOPES, Entry, check_vector_name, engine_config, file_sha256, steering
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
+from steer_batch.eval.classify import classify
+from steer_batch.eval.coherence import mean_nll, own_nlls
+from steer_batch.eval.report import report
 from steer_batch.eval.runfiles import GENERATIONS, GENERATIONS_SCHEMA, MANIFEST, require, row_keys
+from steer_batch.jobs.extract import default_layers, default_vector, default_vector_path, extract_default
 from steer_batch.jobs.models import model_hash, resolve_model
+from steer_batch.vectors.prompts import read_strings
+from steer_batch.vectors.vector import SteeringVector
 
 DEFAULT_VECTOR_NAME = "happy"  # the default vector's name in a run (jobs/extract.py's recipe)
 FLUSH_SECONDS = 2.0
@@ -135,7 +151,6 @@ def generate(
     engine (`engine()`, a context manager giving one that steers with the spec's vectors, e.g. a
     SharedEngine; default: one started here and stopped after), or through Ray Data on
     `replicas` engines (jobs/ray_data.py); return the manifest."""
-    from steer_batch.driver.launch import SharedEngine
 
     manifest = prepare_out(out, spec)
     writer, done = ArrowStream.open(out / GENERATIONS, GENERATIONS_SCHEMA, resume=True)
@@ -157,7 +172,6 @@ def generate(
 
 def steering_engine(spec: RunSpec, engine_kwargs: dict | None = None):
     """An engine steering with the run's vectors."""
-    from steer_batch.driver.launch import make_llm
 
     return make_llm(spec.model, {name: v["path"] for name, v in spec.vectors.items()}, **(engine_kwargs or {}))
 
@@ -165,7 +179,6 @@ def steering_engine(spec: RunSpec, engine_kwargs: dict | None = None):
 def scoring_engine(out: Path, engine_kwargs: dict | None = None):
     """An eager engine on the run's model for classification's nll pass (prefill only, no
     steering: compiling would not pay)."""
-    from steer_batch.driver.launch import make_llm
 
     spec = json.loads(require(out, MANIFEST, f"run `steer-batch run --out {out}`").read_text())["spec"]
     return make_llm(spec["model"], **{**(engine_kwargs or {}), "enforce_eager": True})
@@ -174,24 +187,16 @@ def scoring_engine(out: Path, engine_kwargs: dict | None = None):
 def classify_run(out: Path, classifier: str | None = None, engine=None) -> str:
     """eval.classify.classify with its nll pass on `engine` (a SharedEngine of the run), or on
     a scoring engine started here when a row needs it."""
-    from steer_batch.driver.launch import SharedEngine
-    from steer_batch.eval.classify import classify
 
     with SharedEngine(lambda: scoring_engine(out)) as own:
         return classify(out, engine or own, classifier)
 
 
 def _f32(x: float) -> float:
-    import numpy as np
-
     return float(np.float32(x))
 
 
 def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bool) -> None:
-    from tqdm import tqdm
-    from vllm import SamplingParams
-
-    from steer_batch.eval.coherence import mean_nll, own_nlls
 
     engine = llm.llm_engine
     s = spec.sampling
@@ -265,10 +270,6 @@ def evenly_spaced(items: list, count: int) -> list:
 def parse_alphas(text: str) -> list[float]:
     """ "-4,0,4" -> [-4.0, 0.0, 4.0]; "START:STOP:N" -> N evenly spaced alphas from START to STOP
     ("-8:8:17" -> -8, -7, ..., 8); both forms may be mixed ("-8:8:5,0.5")."""
-    import math
-
-    import numpy as np
-
     example = "give comma-separated numbers or START:STOP:N ranges, e.g. -4,0,4 or -8:8:17"
     alphas: list[float] = []
     for part in text.split(","):
@@ -362,24 +363,52 @@ def run(
     the alphas (jobs/calibrate.py), recorded in the manifest. Bad input fails before any engine
     starts, writing nothing.
     """
-    from transformers import AutoConfig
-
-    from steer_batch.driver.capture import capture_defaults
-    from steer_batch.driver.launch import SharedEngine, check_plugin_allowed, make_llm, on_cpu
-    from steer_batch.driver.runtime import add_vector
-    from steer_batch.eval.report import report
-    from steer_batch.jobs.extract import default_layers, default_vector, default_vector_path, extract_default
-    from steer_batch.vectors.prompts import read_strings
-    from steer_batch.vectors.vector import SteeringVector
-
     start = time.perf_counter()
-    seconds = {}
-    check_plugin_allowed()  # before anything is written
-    alphas = [float(a) for a in alphas]
+    inputs = _check_inputs(model, vectors, alphas, prompts, op, scope, sample)  # before anything is written
+    seconds = {"set-up": time.perf_counter() - start}
+    out = Path(out) if out is not None else _default_out(inputs.model_dir, vectors, inputs.alphas)
+    engine_kwargs = _engine_kwargs(enforce_eager, tensor_parallel_size, pipeline_parallel_size)
+    spec_of = partial(_spec, inputs, sampling or Sampling(), op, scope, sample)
+    with SharedEngine() as shared:  # one engine for extraction, generation and classification's nll pass
+        vectors, start_engine = _vectors_and_engine(
+            inputs, vectors, out, spec_of, engine_kwargs, shared, ray, two_engines
+        )
+        seconds["extraction"] = time.perf_counter() - start - seconds["set-up"]
+        spec = spec_of(vectors)
+        manifest = _prepare_folder(out, spec, calibration)  # refuses a folder holding another run
+        shared.start = lambda: start_engine(spec)
+        mark = time.perf_counter()
+        manifest = generate(out, spec, inputs.prompts, engine_kwargs, progress, replicas if ray else None, shared)
+        seconds["generation"] = time.perf_counter() - mark
+        used = None
+        if evaluate:
+            mark = time.perf_counter()
+            used = classify_run(out, classifier, shared)
+            seconds["classification"] = time.perf_counter() - mark
+    if evaluate:
+        report(out)
+    seconds["total"] = time.perf_counter() - start
+    return RunResult(out, manifest, used, seconds)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What `run` checked before anything is written."""
+
+    model_dir: Path
+    num_layers: int
+    alphas: list[float]
+    prompts_file: Path
+    prompts: list[str]
+
+
+def _check_inputs(model, vectors, alphas, prompts, op, scope, sample) -> _Inputs:
+    """Refuse bad input before any engine starts: the op and scope, the prompts, each vector
+    against the model."""
+    check_plugin_allowed()
     for name, value, allowed in (("op", op, OPS), ("scope", scope, SCOPES)):
         if value not in allowed:
             raise SteerBatchError(f"{name}={value!r}; allowed: {list(allowed)}", param=name)
-    sampling = sampling or Sampling()
     prompts_file, prompt_list = read_strings(prompts, param="prompts", item="prompt")
     if sample is not None:
         prompt_list = evenly_spaced(prompt_list, sample)
@@ -393,81 +422,80 @@ def run(
                 f"{e} (the model {model_dir} has hidden size {config.hidden_size}, {config.num_hidden_layers} layers)",
                 param="vector",
             ) from None
-    seconds["set-up"] = time.perf_counter() - start
+    return _Inputs(model_dir, config.num_hidden_layers, [float(a) for a in alphas], prompts_file, prompt_list)
+
+
+def _default_out(model_dir: Path, vectors: dict | None, alphas: list[float]) -> Path:
     label = "_".join(vectors) if vectors else DEFAULT_VECTOR_NAME
-    out = (
-        Path(out)
-        if out is not None
-        else Path("runs") / f"{model_dir.name}-{label}-a{'_'.join(f'{a:g}' for a in alphas)}"
+    return Path("runs") / f"{model_dir.name}-{label}-a{'_'.join(f'{a:g}' for a in alphas)}"
+
+
+def _engine_kwargs(enforce_eager: bool | None, tensor_parallel_size: int, pipeline_parallel_size: int) -> dict:
+    """Eager on CPU unless asked (compiling costs more start-up than a job of this size wins
+    back there: docs/benchmarks.md), compiled on GPU; vLLM's parallelism inside the engine."""
+    return dict(
+        enforce_eager=on_cpu() if enforce_eager is None else enforce_eager,
+        tensor_parallel_size=tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
     )
-    parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
-    engine_kwargs = dict(enforce_eager=on_cpu() if enforce_eager is None else enforce_eager, **parallel)
 
-    def make_spec(vectors: dict[str, Path]) -> RunSpec:
-        return RunSpec(
-            model=str(model_dir),
-            model_hash=model_hash(model_dir),
-            vectors={
-                name: {"path": str(path.resolve()), "sha256": file_sha256(path)} for name, path in vectors.items()
-            },
-            alphas=alphas,
-            prompts_file=str(prompts_file),
-            prompts_sha256=file_sha256(prompts_file),
-            num_prompts=len(prompt_list),
-            sampling=sampling,
-            op=op,
-            scope=scope,
-            sample=sample,
-        )
 
+def _spec(inputs: _Inputs, sampling: Sampling, op: str, scope: str, sample: int | None, vectors: dict) -> RunSpec:
+    return RunSpec(
+        model=str(inputs.model_dir),
+        model_hash=model_hash(inputs.model_dir),
+        vectors={name: {"path": str(path.resolve()), "sha256": file_sha256(path)} for name, path in vectors.items()},
+        alphas=inputs.alphas,
+        prompts_file=str(inputs.prompts_file),
+        prompts_sha256=file_sha256(inputs.prompts_file),
+        num_prompts=len(inputs.prompts),
+        sampling=sampling,
+        op=op,
+        scope=scope,
+        sample=sample,
+    )
+
+
+def _vectors_and_engine(inputs: _Inputs, vectors, out: Path, spec_of, engine_kwargs, shared, ray, two_engines):
+    """(name -> vector file, how to start the generation engine for a spec). The user's files;
+    or the default vector: cached, or extracted first in an engine of its own (`two_engines`,
+    Ray), or captured by the one engine that then gets it added at runtime and generates."""
     # The default vector runs in an engine whose steering config names no vector file (capture,
     # runtime vectors, the default layers): the same whether or not the vector is cached, so
     # vLLM's compile cache serves every later run (a config naming a file compiles anew per file).
-    layers = default_layers(config.num_hidden_layers)
+    layers = default_layers(inputs.num_layers)
     default_config = engine_config(capture=layers, runtime_vectors=True, layers=layers)
 
     def default_engine(vector: Path | None):
         # capture_defaults: 32-token blocks on CPU, so the pairs' shared head comes from the prefix
         # cache (decode measured the same as with 128: 544.7 vs 537.1 tok/s).
-        llm = make_llm(model_dir, additional_config=default_config, **capture_defaults(engine_kwargs))
+        llm = make_llm(inputs.model_dir, additional_config=default_config, **capture_defaults(engine_kwargs))
         if vector is not None:
             add_vector(llm, DEFAULT_VECTOR_NAME, vector)
         return llm
 
-    one_engine = not vectors and not (ray or two_engines)
-    with SharedEngine() as shared:  # one engine for extraction, generation and classification's nll pass
-        if vectors:
-            vectors = {n: Path(p) for n, p in vectors.items()}
-        elif not one_engine:
-            vectors = {DEFAULT_VECTOR_NAME: default_vector(model_dir, parallel)}  # an eager capture engine
-        elif default_vector_path(model_dir).is_file():
-            vectors = {DEFAULT_VECTOR_NAME: default_vector_path(model_dir)}
+    if vectors:
+        vectors = {n: Path(p) for n, p in vectors.items()}
+    elif ray or two_engines:
+        parallel = {k: engine_kwargs[k] for k in ("tensor_parallel_size", "pipeline_parallel_size")}
+        vectors = {DEFAULT_VECTOR_NAME: default_vector(inputs.model_dir, parallel)}  # an eager capture engine
+    else:
+        if default_vector_path(inputs.model_dir).is_file():
+            vectors = {DEFAULT_VECTOR_NAME: default_vector_path(inputs.model_dir)}
         else:  # one engine captures the pairs, gets the vector added at runtime, then generates
-            prepare_out(out, make_spec({}), check_only=True)  # refuse a wrong folder before the engine starts
+            prepare_out(out, spec_of({}), check_only=True)  # refuse a wrong folder before the engine starts
             shared.llm = default_engine(None)
-            vectors = {DEFAULT_VECTOR_NAME: extract_default(model_dir, shared.llm)}
+            vectors = {DEFAULT_VECTOR_NAME: extract_default(inputs.model_dir, shared.llm)}
             add_vector(shared.llm, DEFAULT_VECTOR_NAME, vectors[DEFAULT_VECTOR_NAME])
-        seconds["extraction"] = time.perf_counter() - start - seconds["set-up"]
-        spec = make_spec(vectors)
-        manifest = prepare_out(out, spec)  # refuses a folder holding another run before any engine starts
-        if calibration is not None:
-            manifest["calibration"] = calibration
-            (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if one_engine:
-            shared.start = lambda: default_engine(vectors[DEFAULT_VECTOR_NAME])
-        elif ray:
-            shared.start = lambda: scoring_engine(out, engine_kwargs)
-        else:
-            shared.start = lambda: steering_engine(spec, engine_kwargs)
-        mark = time.perf_counter()
-        manifest = generate(out, spec, prompt_list, engine_kwargs, progress, replicas if ray else None, shared)
-        seconds["generation"] = time.perf_counter() - mark
-        used = None
-        if evaluate:
-            mark = time.perf_counter()
-            used = classify_run(out, classifier, shared)
-            seconds["classification"] = time.perf_counter() - mark
-    if evaluate:
-        report(out)
-    seconds["total"] = time.perf_counter() - start
-    return RunResult(out, manifest, used, seconds)
+        return vectors, lambda spec: default_engine(vectors[DEFAULT_VECTOR_NAME])
+    if ray:
+        return vectors, lambda spec: scoring_engine(out, engine_kwargs)
+    return vectors, lambda spec: steering_engine(spec, engine_kwargs)
+
+
+def _prepare_folder(out: Path, spec: RunSpec, calibration: dict | None) -> dict:
+    manifest = prepare_out(out, spec)
+    if calibration is not None:
+        manifest["calibration"] = calibration
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -37,3 +37,12 @@ def test_a_moved_signature_is_refused():
 def test_every_patch_says_why_and_what_it_relies_on():
     assert len({p.name for p in PATCHES}) == len(PATCHES) == 9
     assert all(p.params[0] == "self" and len(p.why) > 40 for p in PATCHES)
+
+
+def test_every_accessed_attribute_exists_and_a_missing_one_is_refused(monkeypatch):
+    from steer_batch.engine import hooks
+
+    hooks.check_accessed("0.32.0")  # the installed vLLM has every one
+    monkeypatch.setattr(hooks, "ACCESSED", (*hooks.ACCESSED, ("vllm.v1.utils:CpuGpuBuffer", "moved_away")))
+    with pytest.raises(SteeringNotInstalled, match=r"vLLM 0\.32\.0 has no vllm\.v1\.utils\.CpuGpuBuffer\.moved_away"):
+        hooks.check_accessed("0.32.0")

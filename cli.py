@@ -1,7 +1,9 @@
 """The `steer-batch` command line. Each command parses its options, calls a job (jobs/, eval/),
 and prints: data on stdout, progress and logs on stderr. A user mistake (`SteerBatchError`)
 ends in a one-line error, never a traceback; vLLM logs only its warnings and errors unless
--v/--verbose is given."""
+-v/--verbose is given. A command imports its job inside its function: vLLM, transformers and
+matplotlib load only for the command that needs them (`--help` and a mistyped option stay fast,
+and the environment the verbosity option sets is in place before vLLM reads it)."""
 
 import json
 import os

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
+from steer_batch.driver.launch import close_llm, make_llm, on_cpu
+from steer_batch.engine.config import engine_config
+
 
 def capture_last_token_states(model_dir: Path, prompts: list, layers: list[int], **engine_kwargs) -> np.ndarray:
     """[len(prompts), len(layers), hidden] float32: each layer's residual-stream output at each
     prompt's last token, computed by a vLLM engine started for it (`capture_defaults` under
     `engine_kwargs`, which go to make_llm)."""
-    from steer_batch.driver.launch import close_llm, make_llm
-    from steer_batch.engine.config import engine_config
-
     llm = make_llm(model_dir, additional_config=engine_config(capture=list(layers)), **capture_defaults(engine_kwargs))
     try:
         return capture_states(llm, prompts, layers)
@@ -31,15 +31,13 @@ def capture_defaults(engine_kwargs: dict) -> dict:
     template + persona, 32 of SmolLM2's ~41 tokens), and the prefix cache only reuses whole
     blocks, so with 128 every prompt is computed in full. 32 is the CPU attention's preferred
     multiple."""
-    from steer_batch.driver.launch import on_cpu
-
     return {"enforce_eager": True, **({"block_size": 32} if on_cpu() else {}), **engine_kwargs}
 
 
 def capture_states(llm, prompts: list, layers: list[int]) -> np.ndarray:
     """`capture_last_token_states` on a running engine that captures `layers` (it may steer and
     generate as well: prefill-only requests are the captured ones here)."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # vLLM loads with the engine, not when jobs/extract.py imports this
 
     llm.collective_rpc("steer_batch_take_captures")  # drop rows other requests left
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0))  # progress bar on stderr

@@ -35,6 +35,7 @@ from steer_batch.errors import SteerBatchError
 from steer_batch.vectors.vector import SteeringVector, read_file
 
 WAIT_SECONDS = 60.0  # how long a server's DELETE waits for the requests using the vector
+POLL_SECONDS = 0.02  # how often that wait looks again
 
 
 class RuntimeVectorError(SteerBatchError):
@@ -116,7 +117,7 @@ async def remove_vector_async(engine_client, name: str, wait: float = WAIT_SECON
         ):
             # No request can take the vector now (withdrawn); wait for these to leave the engine.
             while any(rid in states for rid in users) and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(POLL_SECONDS)
             if time.monotonic() >= deadline:
                 raise RuntimeVectorError(
                     f"vector {name!r} is still used by {_describe_users(engine_client, users)} after {wait:g} s; "
@@ -124,7 +125,7 @@ async def remove_vector_async(engine_client, name: str, wait: float = WAIT_SECON
                     409,
                     "name",
                 )
-            await asyncio.sleep(0)  # their finish reaches the engine core before the next call
+            await asyncio.sleep(POLL_SECONDS)  # their finish reaches the engine core before the next call
     except BaseException:
         _restore(registry, name, spec)
         raise

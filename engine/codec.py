@@ -5,7 +5,7 @@ The front end parses and validates a request's `steering_*` keys once (engine/co
 vector becomes its bank row and that row's file sha256, its op becomes the coefficients
 (p, q, r) of the one update every op is (kernels/steer.py). The result travels in the request's
 `extra_args` under PLAN_KEY, set only by the front end (a client's own value is dropped), to the
-engine core, which reads the rows a request holds (engine/bank.py `rows_in_use`), and to the
+engine core, which reads the rows a request holds (engine/bank.py `in_use`), and to the
 workers, which turn it into the per-token plan without validating anything again:
 
     {"entries": [[row, p, q, r, scope], ...], "sha256": [each row's sha256], "names": [each

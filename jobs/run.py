@@ -151,7 +151,6 @@ def generate(
     engine (`engine()`, a context manager giving one that steers with the spec's vectors, e.g. a
     SharedEngine; default: one started here and stopped after), or through Ray Data on
     `replicas` engines (jobs/ray_data.py); return the manifest."""
-
     manifest = prepare_out(out, spec)
     writer, done = ArrowStream.open(out / GENERATIONS, GENERATIONS_SCHEMA, resume=True)
     with writer:
@@ -172,14 +171,12 @@ def generate(
 
 def steering_engine(spec: RunSpec, engine_kwargs: dict | None = None):
     """An engine steering with the run's vectors."""
-
     return make_llm(spec.model, {name: v["path"] for name, v in spec.vectors.items()}, **(engine_kwargs or {}))
 
 
 def scoring_engine(out: Path, engine_kwargs: dict | None = None):
     """An eager engine on the run's model for classification's nll pass (prefill only, no
     steering: compiling would not pay)."""
-
     spec = json.loads(require(out, MANIFEST, f"run `steer-batch run --out {out}`").read_text())["spec"]
     return make_llm(spec["model"], **{**(engine_kwargs or {}), "enforce_eager": True})
 
@@ -187,7 +184,6 @@ def scoring_engine(out: Path, engine_kwargs: dict | None = None):
 def classify_run(out: Path, classifier: str | None = None, engine=None) -> str:
     """eval.classify.classify with its nll pass on `engine` (a SharedEngine of the run), or on
     a scoring engine started here when a row needs it."""
-
     with SharedEngine(lambda: scoring_engine(out)) as own:
         return classify(out, engine or own, classifier)
 
@@ -197,7 +193,6 @@ def _f32(x: float) -> float:
 
 
 def _stream(llm, writer: ArrowStream, todo, prompts, spec: RunSpec, progress: bool) -> None:
-
     engine = llm.llm_engine
     s = spec.sampling
     meta = {}

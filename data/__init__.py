@@ -1,5 +1,6 @@
 """Prompts and persona templates shipped with steer-batch (see SOURCE.md for licenses)."""
 
+import json
 from importlib.resources import files
 
 
@@ -13,6 +14,4 @@ REPE_BEGINNINGS = "repe_sentence_beginnings.json"
 
 def sentence_beginnings() -> list[str]:
     """The 581 RepE sentence beginnings (the file's one empty entry left out)."""
-    import json
-
     return [s for s in json.loads(path(REPE_BEGINNINGS).read_text()) if s]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from pathlib import Path
+
+import torch
 
 from steer_batch.engine.config import CONFIG_KEY, PLUGIN_NAME, WORKER_EXTENSION, engine_config
 from steer_batch.errors import SteerBatchError, SteeringNotInstalled
@@ -17,8 +20,6 @@ SHUTDOWN_SECONDS = 30  # how long close_llm lets the engine's processes exit bef
 
 
 def on_cpu() -> bool:
-    import torch
-
     return not torch.cuda.is_available()
 
 
@@ -31,7 +32,7 @@ def make_llm(model: str | Path, vectors: dict[str, str | Path] | None = None, **
     worker extension (engine/worker.py) answers `llm.collective_rpc("steer_batch_layout")` and
     carries captured hidden states back.
     """
-    from vllm import LLM
+    from vllm import LLM  # vLLM loads with the first engine, not when jobs/extract.py imports this
 
     kwargs = engine_defaults(kwargs)
     if on_cpu():
@@ -128,8 +129,6 @@ class SharedEngine:
 
 def close_llm(llm) -> None:
     """Shut the engine's processes down now rather than at interpreter exit."""
-    import gc
-
     from steer_batch.engine import hooks  # imports vLLM: loaded by now, not before make_llm
 
     # With vLLM's default grace its CPU worker, which takes a few seconds to exit, is killed, and

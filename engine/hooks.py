@@ -30,6 +30,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import vllm
 from vllm.distributed import get_pp_group
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.v1.engine import FinishReason
@@ -466,8 +467,6 @@ def check_accessed(version: str) -> None:
 
 def install(handlers: Handlers) -> None:
     """Apply every patch once per process (the plugin may run more than once)."""
-    import vllm
-
     version = vllm.__version__
     check_version(version)
     check_accessed(version)

@@ -6,10 +6,14 @@ this extension steers even where vLLM did not load the plugin there (Ray actors 
 plugin list differs), and a node without steer-batch installed fails loudly at start-up (vLLM
 cannot import the extension) instead of running unsteered."""
 
+import hashlib
+
 import numpy as np
 
 from steer_batch.engine import hooks
 from steer_batch.engine.plugin import register
+from steer_batch.errors import SteerBatchError
+from steer_batch.vectors.vector import SteeringVector
 
 register()
 
@@ -29,11 +33,6 @@ class SteeringWorkerExtension:
     def steer_batch_add_vector(self, name: str, path: str, data: bytes, sha256: str, row: int) -> None:
         """Load the vector the front end validated (driver/runtime.py), from the file's bytes it
         read (`path` only names it), into the free bank row `row`."""
-        import hashlib
-
-        from steer_batch.errors import SteerBatchError
-        from steer_batch.vectors.vector import SteeringVector
-
         if hashlib.sha256(data).hexdigest() != sha256:
             raise SteerBatchError(f"steering vector {name!r}: the bytes sent for {path} do not match their sha256")
         hf = hooks.worker_runner(self).vllm_config.model_config.hf_text_config

@@ -13,6 +13,7 @@ Every row records the classifier that produced it.
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pyarrow as pa
 from tqdm import tqdm
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
@@ -34,8 +36,6 @@ Scorer = Callable[[list[str]], list[tuple[float, float, float]]]
 
 
 def vader_scorer() -> Scorer:
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
     analyzer = SentimentIntensityAnalyzer()
 
     def score(texts: list[str]) -> list[tuple[float, float, float]]:
@@ -49,8 +49,6 @@ def vader_scorer() -> Scorer:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -59,6 +57,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def cardiff_scorer(batch_size: int = 64) -> Scorer:
+    # cli.py imports this module for CLASSIFIERS as it starts: transformers loads only here.
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

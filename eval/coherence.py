@@ -18,6 +18,7 @@ def token_nlls(llm, prompts: list[str], continuations: list[list[int]]) -> list[
     todo = [k for k, c in enumerate(continuations) if c]
     if not todo:  # nothing to score: no engine needed
         return nlls
+    # cli.py imports this module (through eval/classify.py) as it starts: vLLM loads only here.
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 

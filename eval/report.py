@@ -71,6 +71,7 @@ def summarize(out: Path) -> pa.Table:
 
 def plot(summary: pa.Table, path: Path, title: str) -> None:
     """One column per vector: the mean class probabilities against alpha above, the nll below."""
+    # cli.py imports this module (through jobs/calibrate.py) as it starts: matplotlib loads only here.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,15 +11,28 @@ same work.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from vllm import SamplingParams
 
-from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST, engine_config
+from steer_batch.data import sentence_beginnings
+from steer_batch.driver.launch import close_llm, make_llm, on_cpu
+from steer_batch.engine import hooks
+from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST, engine_config, file_sha256, steering
+from steer_batch.jobs.extract import extract
+from steer_batch.jobs.models import cache_dir, default_model_dir, model_hash, resolve_model
+from steer_batch.jobs.run import RunSpec, Sampling, generate
+from steer_batch.vectors.vector import SteeringVector
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
 
@@ -30,8 +43,6 @@ def spread(distinct: int) -> np.ndarray:
 
 def _configurations(num_prompts: int) -> dict[str, list[dict | None]]:
     """Each configuration's extra_args, one per request."""
-    from steer_batch import steering
-
     configs: dict[str, list[dict | None]] = {"unsteered": [None] * num_prompts}
     for k in (k for k in DISTINCT_ALPHAS if k <= num_prompts):
         configs[f"{k} alpha{'s' if k > 1 else ''}"] = [
@@ -53,11 +64,6 @@ def _log(msg: str) -> None:
 
 def random_vector(model_dir: Path, seed: int = 0):
     """A random unit direction on every layer: throughput does not depend on what it means."""
-    import torch
-    from transformers import AutoConfig
-
-    from steer_batch.vectors.vector import SteeringVector
-
     config = AutoConfig.from_pretrained(model_dir)
     g = torch.Generator().manual_seed(seed)
     dirs = {
@@ -68,8 +74,6 @@ def random_vector(model_dir: Path, seed: int = 0):
 
 
 def vllm_tok_s(llm, prompts: list[str], extra_args: list[dict | None], max_tokens: int) -> float:
-    from vllm import SamplingParams
-
     params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=a) for a in extra_args]
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -82,9 +86,6 @@ def _hf_tok_s(
 ) -> float:
     """HF generate with a forward hook per layer adding alpha[row] * v (left-padded batches), on
     the engines' device and in their dtype."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
@@ -132,11 +133,6 @@ def bench(
     `max_vectors_per_request` (see the module doc), unsteered requests and 256 distinct alphas on
     one more steering engine per other entry of `slots`, a stock engine, HF generate + hooks.
     Progress on stderr."""
-    from steer_batch.data import sentence_beginnings
-    from steer_batch.driver.launch import close_llm, make_llm, on_cpu
-    from steer_batch.engine import hooks
-    from steer_batch.jobs.models import resolve_model
-
     model_dir = resolve_model(model)
     beginnings = sentence_beginnings()
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
@@ -158,8 +154,8 @@ def bench(
             dtype = hooks.engine_vllm_config(engines["steer"]).model_config.dtype  # the HF baseline runs in it too
             runs = [(name, engines["steer"], args) for name, args in configs.items()]
             for k in others:  # what unused slots cost: the same engine with k slots per token
-                steering = engine_config(max_vectors_per_request=k)
-                engines[k] = make_llm(model_dir, files, additional_config=steering, **engine_args)
+                additional = engine_config(max_vectors_per_request=k)
+                engines[k] = make_llm(model_dir, files, additional_config=additional, **engine_args)
                 for name in ("unsteered", "256 alphas"):
                     if name in configs:
                         runs.append((f"{name}, {k} slot{'s' if k > 1 else ''}", engines[k], configs[name]))
@@ -190,8 +186,6 @@ def bench_engine_args(eager: bool, engines: int) -> dict:
     """Engine arguments for `engines` engines up at once in this process: prefix caching off (every
     configuration does the same work) and, on a GPU, an equal share of 90% of its memory each
     (vLLM's default 0.9 apiece would leave the second engine none)."""
-    from steer_batch.driver.launch import on_cpu
-
     args = dict(enforce_eager=eager, enable_prefix_caching=False, seed=0)
     if on_cpu():  # a KV cache of its own size for each, not 30% of the machine's memory apiece
         return {**args, "kv_cache_memory_bytes": 2 << 30}
@@ -201,12 +195,6 @@ def bench_engine_args(eager: bool, engines: int) -> dict:
 def bench_extract(model: str | Path | None = None, method: str = "mean_diff") -> dict:
     """Extraction time for the 581 RepE happy/sad pairs on every layer: capture in vLLM vs the HF
     path; {"seconds": {"vllm": s, "hf": s}, "worst_relative_difference": d, ...}."""
-    from transformers import AutoConfig
-
-    from steer_batch.data import sentence_beginnings
-    from steer_batch.jobs.extract import extract
-    from steer_batch.jobs.models import resolve_model
-
     model_dir = resolve_model(model)
     suffixes = sentence_beginnings()
     layers = list(range(AutoConfig.from_pretrained(model_dir).num_hidden_layers))
@@ -235,13 +223,6 @@ def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_token
     """Wall seconds of one run's generation (every prompt at alphas -4, 0, 4 with a random vector,
     engine start-up included): in one engine, then through Ray Data LLM on each number of
     `replicas`, on the Ray cluster this process joins (a local one by default)."""
-    import json
-
-    from steer_batch.data import sentence_beginnings
-    from steer_batch.engine.config import file_sha256
-    from steer_batch.jobs.models import model_hash, resolve_model
-    from steer_batch.jobs.run import RunSpec, Sampling, generate
-
     model_dir = resolve_model(model)
     beginnings = sentence_beginnings()
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
@@ -288,11 +269,6 @@ def bench_seed(alphas: str = "-4,0,4", keep: Path | None = None, evaluate: bool 
     then cached; and a compiled engine's start-up with an empty vLLM compile cache, then again
     from it. `keep`: a folder for the run folders (default: deleted); `evaluate=False`: every job
     with --no-eval (generation only: no classification, no nll pass)."""
-    import os
-    import subprocess
-
-    from steer_batch.jobs.models import cache_dir, default_model_dir
-
     models = default_model_dir().parent  # converted once, shared by the fresh caches below
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

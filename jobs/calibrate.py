@@ -26,6 +26,10 @@ from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import read_table, write_table
 from steer_batch.eval.report import bootstrap_interval
 from steer_batch.eval.runfiles import SENTIMENT, require
+from steer_batch.jobs.models import resolve_model
+
+# cli.py imports this module for its defaults as it starts; jobs/run.py (vLLM, about 9 s) loads
+# inside the functions that run a job, so `steer-batch --help` does not wait for it.
 
 TARGETS = ("negative", "neutral", "positive")
 DEFAULT_SAMPLE = 128
@@ -157,7 +161,7 @@ def toward_target(table: pa.Table, chosen: dict[str, float | None]) -> str | Non
 def plot(table: pa.Table, calibration: dict, path: Path) -> None:
     """Effect (left axis) and nll increase (right axis) against alpha, with their intervals, the
     budget and the recommended alphas."""
-    import matplotlib
+    import matplotlib  # only here, as in eval/report.py: cli.py imports this module as it starts
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,7 +210,6 @@ def run_auto(
     """`run --alphas auto`: calibrate into OUT/calibration (the defaults above, the run's
     prompts, sampling, op and scope), then run every prompt at -a, 0, +a with a the smaller of
     the two recommended |alpha| (both sides within the budget), recorded in the manifest."""
-    from steer_batch.jobs.models import resolve_model
     from steer_batch.jobs.run import CALIBRATION, DEFAULT_VECTOR_NAME, run
 
     if vectors is not None and len(vectors) != 1:

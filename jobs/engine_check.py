@@ -23,6 +23,19 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from vllm import SamplingParams
+
+from steer_batch.data import sentence_beginnings
+from steer_batch.driver.capture import capture_states
+from steer_batch.driver.launch import close_llm, make_llm, on_cpu
+from steer_batch.driver.runtime import add_vector
+from steer_batch.engine import hooks
+from steer_batch.engine.config import engine_config, steering
+from steer_batch.jobs.bench import random_vector, spread, vllm_tok_s
+from steer_batch.jobs.extract import hf_last_token_states
+from steer_batch.jobs.models import resolve_model
 
 BATCHES = (1, 3, 17, 70)
 CAPTURED = 2  # layers captured: the first and the last of the vector's
@@ -43,8 +56,6 @@ class Checks:
 
 
 def _generate(llm, prompts: list[str], extra_args: list, max_tokens: int, logprobs: bool = False) -> list:
-    from vllm import SamplingParams
-
     params = [
         SamplingParams(
             max_tokens=max_tokens, temperature=0.0, ignore_eos=True, extra_args=a, logprobs=0 if logprobs else None
@@ -65,20 +76,6 @@ def engine_check(
 ) -> dict:
     """Run the checks (module doc) on `model` (default: the embedded SmolLM2); returns and
     optionally writes the report. Progress on stderr, one line per check on stdout."""
-    import torch
-    from transformers import AutoConfig
-
-    from steer_batch import steering
-    from steer_batch.data import sentence_beginnings
-    from steer_batch.driver.capture import capture_states
-    from steer_batch.driver.launch import close_llm, make_llm, on_cpu
-    from steer_batch.driver.runtime import add_vector
-    from steer_batch.engine import hooks
-    from steer_batch.engine.config import engine_config
-    from steer_batch.jobs.bench import random_vector, spread, vllm_tok_s
-    from steer_batch.jobs.extract import hf_last_token_states
-    from steer_batch.jobs.models import resolve_model
-
     model_dir = resolve_model(model)
     gpu = not on_cpu()
     checks, tok_s = Checks(), {}
@@ -152,8 +149,6 @@ def engine_check(
             checks.add("async scheduling on = off", None, "async scheduling is off here (vLLM's CPU backend)")
 
         _log("transformers capture reference")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right")
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if gpu else "cpu").eval()

@@ -8,10 +8,12 @@ hooks); and the default happy - sad vector that `run` uses, extracted once and c
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
+from steer_batch.driver.launch import check_plugin_allowed
 from steer_batch.errors import SteerBatchError
 from steer_batch.jobs.models import cache_dir, model_hash, resolve_model
 from steer_batch.vectors.methods import build_vector
@@ -23,6 +25,9 @@ CAPTURES = ("vllm", "hf")
 # share of depth on other models), divided by 4, so alpha +-4 is where the raw difference at +-1
 # is on SmolLM2: clearly shifted, still readable.
 DEFAULT_SCALE = 0.25
+# cli.py imports this module for CAPTURES as it starts: transformers (about 3 s) and vLLM (driver/
+# capture.py, about 9 s) load inside the functions that use them, so `steer-batch --help` and the
+# commands that never extract do not wait for them.
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -151,8 +156,6 @@ def extract_file(
     the 581 RepE sentence beginnings); layers: "all", "8-20", "3,5,7" or a list."""
     from transformers import AutoConfig
 
-    from steer_batch.driver.launch import check_plugin_allowed
-
     check_template(template)
     if capture == "vllm":
         check_plugin_allowed()
@@ -179,8 +182,6 @@ def extract_default(model_dir: Path, llm=None, engine_kwargs: dict | None = None
     """Extract the happy - sad vector for `model_dir` (default_layers x DEFAULT_SCALE, the 581 RepE
     pairs captured in vLLM: in `llm`, a running engine that captures those layers, or an engine
     started for it with `engine_kwargs`), cache it and return its path."""
-    import sys
-
     from transformers import AutoConfig
 
     print("extracting the happy - sad vector (581 RepE pairs, captured in vLLM)...", file=sys.stderr)

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from steer_batch.engine.config import file_sha256
 from steer_batch.errors import MissingFile, SteerBatchError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -40,6 +41,7 @@ def default_model_dir() -> Path:
     target = cache_dir() / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file():
         return target
+    # cli.py imports this module (through jobs/calibrate.py) as it starts: transformers loads only here.
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,7 +79,7 @@ def resolve_model(model: str | Path | None) -> Path:
     if (Path(model) / "config.json").is_file():
         return Path(model)
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # with transformers: only for a hub id
 
         return Path(
             snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
@@ -92,8 +94,6 @@ def resolve_model(model: str | Path | None) -> Path:
 
 def model_hash(model_dir: Path) -> str:
     """sha256 over the folder's config and weight files (names and contents)."""
-    from steer_batch.engine.config import file_sha256
-
     digest = hashlib.sha256()
     for f in sorted(model_dir.iterdir()):
         if f.suffix in (".json", ".safetensors", ".bin", ".model") and f.is_file():

@@ -19,6 +19,10 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm import tqdm
+
+from steer_batch.driver.launch import CPU_ENV, check_plugin_allowed, engine_defaults, on_cpu
+from steer_batch.engine.config import WORKER_EXTENSION, engine_config, steering
 from steer_batch.errors import SteerBatchError
 
 BATCH_SIZE = 16  # rows per Ray Data batch sent to an engine
@@ -35,11 +39,6 @@ def generate_ray(llm_engine_kwargs: dict, spec, todo: list[tuple[int, str, float
         raise SteerBatchError(
             "--ray needs Ray Data: pip install 'steer-batch[ray]' (or install-cpu.sh, which installs it)", param="ray"
         ) from None
-    from tqdm import tqdm
-
-    from steer_batch.driver.launch import CPU_ENV, check_plugin_allowed, engine_defaults, on_cpu
-    from steer_batch.engine.config import WORKER_EXTENSION, engine_config, steering
-
     check_plugin_allowed()
     engine_kwargs = {
         **engine_defaults(llm_engine_kwargs),

@@ -40,6 +40,7 @@ from steer_batch.eval.report import report
 from steer_batch.eval.runfiles import GENERATIONS, GENERATIONS_SCHEMA, MANIFEST, require, row_keys
 from steer_batch.jobs.extract import default_layers, default_vector, default_vector_path, extract_default
 from steer_batch.jobs.models import model_hash, resolve_model
+from steer_batch.jobs.ray_data import generate_ray
 from steer_batch.vectors.prompts import read_strings
 from steer_batch.vectors.vector import SteeringVector
 
@@ -157,8 +158,6 @@ def generate(
         done_keys = row_keys(done)
         todo = [(p, v, a) for p, v, a in spec.rows if (p, v, _f32(a)) not in done_keys]
         if todo and replicas is not None:
-            from steer_batch.jobs.ray_data import generate_ray
-
             generate_ray(engine_kwargs or {}, spec, todo, prompts, writer, replicas, progress)
         elif todo:
             with SharedEngine(lambda: steering_engine(spec, engine_kwargs)) as own, (engine or own)() as llm:

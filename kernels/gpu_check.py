@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repositor
 
 from kernels import ops  # noqa: E402, F401  (registers torch.ops.steer_batch.*)
 from kernels import steer as ref  # noqa: E402
+from kernels import triton_steer as tri  # noqa: E402
 from kernels.step_inputs import HI, LO, VID, P, Q, R, StepInputs  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}  # max error / max |reference|
@@ -103,8 +104,6 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def check_kernels(report: Report, device: str, shapes, dtypes) -> None:
-    from kernels import triton_steer as tri
-
     for dtype in dtypes:
         for tokens, hidden in shapes:
             inputs = make_inputs(tokens, hidden, dtype, device)
@@ -275,7 +274,6 @@ def cuda_time(fn, inputs: list, repeats: int = 50) -> float:
 
 def timing(report: Report, dtype: torch.dtype) -> None:
     """Section 4: microseconds per layer, compiled as the engine runs each op."""
-    from kernels import triton_steer as tri
 
     def add(x, res, w, p, q, r, vid, V, U):
         return ref.steer_add(x, res, p, q, r, vid, V, U)

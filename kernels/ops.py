@@ -27,7 +27,7 @@ def fused_add_rms_norm_steer(
 
 @fused_add_rms_norm_steer.register_kernel("cuda")
 def _(x, residual, weight, eps, p, q, r, vid, V, U):
-    from . import triton_steer
+    from . import triton_steer  # Triton only where CUDA runs: a CPU install may lack it
 
     return triton_steer.fused_add_rms_norm_steer(x, residual, weight, eps, p, q, r, vid, V, U)
 

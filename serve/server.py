@@ -13,11 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
+
+import uvloop
+from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client, setup_server
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+from vllm.logger import configure_logging_from_args
+from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from steer_batch.driver.launch import CPU_ENGINE_ARGS, CPU_ENV, check_layouts, check_plugin_allowed, on_cpu
 from steer_batch.engine.config import CONFIG_KEY, WORKER_EXTENSION, engine_config
 from steer_batch.errors import SteerBatchError
+from steer_batch.jobs.models import resolve_model
 
 MIDDLEWARE = "steer_batch.serve.middleware.steering"
 # What make_llm picks on CPU, unless the command line says otherwise (driver/launch.py).
@@ -68,14 +77,6 @@ def serve(
     vllm_args: list[str] = (),
 ) -> None:
     """Run the server until it is stopped (SIGINT / SIGTERM)."""
-    import uvloop
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    from steer_batch.jobs.models import resolve_model
-
     check_plugin_allowed()
     if on_cpu():
         for name, value in CPU_ENV.items():
@@ -91,9 +92,6 @@ def serve(
 
 async def _run(args) -> None:
     """vLLM's run_server, with the steering check between the engine's start and the port's."""
-    import signal
-
-    from vllm.entrypoints.launchers.api_server.entry import build_and_serve, build_async_engine_client, setup_server
 
     def interrupt(*_) -> None:  # SIGTERM during start-up stops it; uvicorn handles it afterwards
         raise KeyboardInterrupt("terminated")

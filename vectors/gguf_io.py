@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 
 from steer_batch.errors import SteerBatchError
@@ -20,8 +21,6 @@ _OURS = "steer_batch."
 
 def export_gguf(vector, path: str | Path, *, drop_layer_0: bool = False) -> list[int]:
     """Write `vector` as a GGUF control vector; returns the layers written."""
-    import gguf
-
     layers = vector.layers
     if 0 in layers:
         if not drop_layer_0:
@@ -55,8 +54,6 @@ def export_gguf(vector, path: str | Path, *, drop_layer_0: bool = False) -> list
 
 def import_gguf(path: str | Path, num_layers: int | None = None):
     """Read a GGUF control vector (ours, repeng's or llama.cpp's) into a SteeringVector."""
-    import gguf
-
     reader = gguf.GGUFReader(str(path))
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
     if fields.get("general.architecture") != ARCH:

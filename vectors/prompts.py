@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from steer_batch.data import REPE_BEGINNINGS
+from steer_batch.data import path as data_path
 from steer_batch.errors import SteerBatchError
 
 DEFAULT_TEMPLATE = "Act as if you're extremely {persona}."
@@ -33,9 +35,6 @@ def read_strings(source: str | Path | None, param: str, item: str) -> tuple[Path
     """(file, its non-empty strings) from a JSON list of strings; None: the 581 RepE sentence
     beginnings shipped in data/. Errors name `param`, the argument that gave the file, and call
     its entries `item`s."""
-    from steer_batch.data import REPE_BEGINNINGS
-    from steer_batch.data import path as data_path
-
     source = Path(str(data_path(REPE_BEGINNINGS))) if source is None else Path(source)
     try:
         strings = json.loads(source.read_text())

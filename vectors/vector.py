@@ -9,13 +9,17 @@ to the residual-stream output of decoder layer i at every token position: Huggin
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save_file
 
 from steer_batch.errors import MissingFile, SteerBatchError
 
@@ -92,8 +96,6 @@ class SteeringVector:
     # -- file format ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the vector file whole or not at all (a temporary file beside it, then renamed)."""
-        from safetensors.torch import save_file
-
         metadata = {
             **self.metadata,
             "model": self.model,
@@ -123,8 +125,6 @@ class SteeringVector:
     def from_bytes(cls, data: bytes, source: str = "vector") -> SteeringVector:
         """Parse and validate the bytes of a vector file (read once, so a file replaced while it
         is read cannot give one version's metadata and another's tensors); `source` names it."""
-        from safetensors.torch import load as load_tensors
-
         try:
             tensors = load_tensors(data)
             metadata = _header_metadata(data)
@@ -237,9 +237,6 @@ def read_file(path: str | Path) -> bytes:
 
 def _header_metadata(data: bytes) -> dict[str, str]:
     """The string metadata of a safetensors file: its header is 8 bytes of length, then JSON."""
-    import json
-    import struct
-
     (size,) = struct.unpack("<Q", data[:8])
     return dict(json.loads(data[8 : 8 + size]).get("__metadata__") or {})
 

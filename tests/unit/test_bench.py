@@ -1,21 +1,21 @@
-"""`steer-batch bench` on a GPU (emulated: the device check answers "not a CPU"): the engines it
+"""`steer-batch bench` on a GPU (emulated: torch answers that CUDA is available): the engines it
 keeps up side by side share the GPU's memory instead of each claiming vLLM's default 90%."""
 
 import pytest
+import torch
 
-from steer_batch.driver import launch
 from steer_batch.jobs.bench import bench_engine_args
 
 
 @pytest.mark.parametrize("engines", [1, 2, 4])
 def test_engines_up_at_once_share_the_gpu(monkeypatch, engines):
-    monkeypatch.setattr(launch, "on_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     args = bench_engine_args(eager=False, engines=engines)
     assert args["gpu_memory_utilization"] * engines <= 0.9 + 1e-9
     assert args["enable_prefix_caching"] is False and args["enforce_eager"] is False
 
 
 def test_on_cpu_each_engine_gets_a_kv_cache_of_its_own_size(monkeypatch):
-    monkeypatch.setattr(launch, "on_cpu", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = bench_engine_args(eager=True, engines=4)
     assert "gpu_memory_utilization" not in args and args["kv_cache_memory_bytes"] == 2 << 30

@@ -116,6 +116,18 @@ _classifier_option = click.option(
 _max_tokens_option = click.option(
     "--max-tokens", default=32, show_default=True, type=click.IntRange(1), help="Generated tokens per request."
 )
+_rows_option = click.option(
+    "--rows",
+    default=None,
+    help="Records START:STOP of the file (0-based, end exclusive; either side optional), e.g. :200 to train and 200: "
+    "to evaluate.",
+)
+_op_option = click.option(
+    "--op", type=click.Choice(OPS), default="add", show_default=True, help="What each request does with its vector."
+)
+_scope_option = click.option(
+    "--scope", type=click.Choice(SCOPES), default="all", show_default=True, help="Which tokens each request steers."
+)
 _model_option = click.option(
     "--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."
 )
@@ -123,10 +135,10 @@ _model_option = click.option(
 
 @main.command()
 @_model_option
-@click.option("--positive", required=True, help="Persona of the positive prompts, e.g. happy.")
-@click.option("--negative", required=True, help="Persona of the negative prompts, e.g. sad.")
+@click.option("--positive", default=None, help="Persona of the positive prompts, e.g. happy.")
+@click.option("--negative", default=None, help="Persona of the negative prompts, e.g. sad.")
 @click.option(
-    "--template", default=DEFAULT_TEMPLATE, show_default=True, help="Persona instruction; must contain {persona}."
+    "--template", default=None, help=f"Persona instruction; must contain {{persona}}. [default: {DEFAULT_TEMPLATE}]"
 )
 @click.option(
     "--suffixes",
@@ -134,6 +146,20 @@ _model_option = click.option(
     default=None,
     help="JSON list of strings that open the answer (default: the 581 RepE sentence beginnings).",
 )
+@click.option(
+    "--pairs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='Instead of personas: a JSON list or JSON lines of {"positive": ..., "negative": ...} texts, used as given.',
+)
+@click.option(
+    "--ab",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Instead of personas: an A/B behaviour dataset (JSON lines of question, answer_matching_behavior, "
+    "answer_not_matching_behavior); the state at the answer's letter.",
+)
+@_rows_option
 @click.option(
     "--layers", default="all", show_default=True, help="'all', a range like 8-20, or a list like 3,5,7 (0-based)."
 )
@@ -156,6 +182,9 @@ def extract(
     negative,
     template,
     suffixes,
+    pairs,
+    ab,
+    rows,
     layers,
     method,
     capture,
@@ -163,13 +192,17 @@ def extract(
     tensor_parallel_size,
     pipeline_parallel_size,
 ):
-    """Extract a contrastive steering vector (positive minus negative persona)."""
+    """Extract a contrastive steering vector: positive minus negative persona, pairs of texts, or the
+    matching minus the other answer of an A/B behaviour dataset."""
     from steer_batch.jobs.extract import extract_file
 
     vector = extract_file(
         out,
         positive=positive,
         negative=negative,
+        pairs=pairs,
+        ab=ab,
+        rows=rows,
         model=model,
         template=template,
         suffixes=suffixes,
@@ -235,12 +268,8 @@ def convert(source, target, drop_layer_0):
     type=click.FloatRange(0, min_open=True),
     help="With --alphas auto: the coherence budget, nats per token above alpha 0.",
 )
-@click.option(
-    "--op", type=click.Choice(OPS), default="add", show_default=True, help="What each request does with its vector."
-)
-@click.option(
-    "--scope", type=click.Choice(SCOPES), default="all", show_default=True, help="Which tokens each request steers."
-)
+@_op_option
+@_scope_option
 @click.option(
     "--prompts",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -460,6 +489,51 @@ def report_command(out):
 
     report(out)
     click.echo((out / "report.md").read_text())
+
+
+@main.command("eval-ab")
+@click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
+@_model_option
+@click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="A steering vector, NAME=FILE or FILE (named by its stem); repeat for several, each scored at every alpha "
+    "(default: happy = a cached happy - sad vector for the model).",
+)
+@click.option(
+    "--alphas",
+    default="-4,0,4",
+    show_default=True,
+    help="Steering strengths: comma-separated or START:STOP:N ranges; 0 is added when missing.",
+)
+@_rows_option
+@_op_option
+@_scope_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder (default: runs/<model>-<data>-eval-ab). The same command resumes it.",
+)
+@_verbose
+def eval_ab(data, model, vectors, alphas, rows, op, scope, out):
+    """Score an A/B behaviour dataset: p(answer matching the behaviour) for every question, vector and alpha."""
+    from steer_batch.jobs.eval_ab import eval_ab as eval_ab_job
+    from steer_batch.jobs.run import parse_alphas, parse_vectors
+
+    folder = eval_ab_job(
+        data,
+        out,
+        model=model,
+        vectors=parse_vectors(vectors) or None,
+        alphas=parse_alphas(alphas),
+        rows=rows,
+        op=op,
+        scope=scope,
+    )
+    click.echo((folder / "report.md").read_text())
 
 
 @main.command("bench")

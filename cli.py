@@ -566,7 +566,7 @@ def eval_ab(data, model, vectors, alphas, rows, op, scope, out):
 def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slots, json_out, use_ray):
     """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks (or, with --ray,
     the generation step in one engine vs Ray Data LLM replicas)."""
-    from steer_batch.jobs.bench import bench, bench_ray
+    from steer_batch.jobs.bench import AB_STEERED, AB_STOCK, bench, bench_ray
 
     if use_ray:
         seconds = bench_ray(model, num_prompts, max_tokens, eager=eager)
@@ -593,10 +593,15 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot
     )
     click.echo(f"{'configuration':<28}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}")
     for name, value in results.items():
-        vs_stock = f"{value / stock_base:>10.3f}" if stock_base else ""
-        click.echo(f"{name:<28}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
+        if name not in (AB_STEERED, AB_STOCK):
+            vs_stock = f"{value / stock_base:>10.3f}" if stock_base else ""
+            click.echo(f"{name:<28}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
     if "256 alphas" in results:
         click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")
+    if AB_STOCK in results:
+        click.echo(f"{'eval-ab scoring':<28}{'tok/s':>10}{'vs stock':>14}")
+        for name in (AB_STEERED, AB_STOCK):
+            click.echo(f"{name:<28}{results[name]:>10.1f}{results[name] / results[AB_STOCK]:>14.3f}")
     if json_out:
         json_out.write_text(
             json.dumps(

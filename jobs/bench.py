@@ -5,7 +5,9 @@ On one steering engine with two random vectors on every layer: unsteered request
 layer steered with 1, 3, 64 and 256 distinct alphas, 256 distinct two-vector specs, an ablation
 on every layer, and adds on generated tokens only; each as a ratio to unsteered. Then the same
 prompts through a stock engine (no steering installed) and through HF generate + forward hooks,
-the reference users would otherwise pick. Prefix caching is off so every configuration does the
+the reference users would otherwise pick. And eval-ab's scoring pass (eval/choices.py): the
+same A/B sequences scored steered at 64 alphas on the steering engine and by the stock engine,
+in scored (prefill) tokens per second. Prefix caching is off so every configuration does the
 same work.
 """
 
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +32,16 @@ from steer_batch.data import sentence_beginnings
 from steer_batch.driver.launch import close_llm, make_llm, on_cpu
 from steer_batch.engine import hooks
 from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST, engine_config, file_sha256, steering
+from steer_batch.eval.arrow_stream import ArrowStream
+from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, Pair, score
 from steer_batch.jobs.extract import extract
 from steer_batch.jobs.models import cache_dir, default_model_dir, model_hash, resolve_model
 from steer_batch.jobs.run import RunSpec, Sampling, generate
+from steer_batch.vectors.datasets import answer_ids, question_ids
 from steer_batch.vectors.vector import SteeringVector
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
+AB_STEERED, AB_STOCK = "eval-ab, 64 alphas", "eval-ab, stock vLLM"  # scored tokens per second
 
 
 def spread(distinct: int) -> np.ndarray:
@@ -79,6 +86,29 @@ def vllm_tok_s(llm, prompts: list[str], extra_args: list[dict | None], max_token
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     return sum(len(o.outputs[0].token_ids) for o in outs) / seconds
+
+
+def _ab_pairs(model_dir: Path, count: int, steered: bool) -> list[Pair]:
+    """`count` A/B questions around the sentence beginnings (the question shared by its two
+    answers, as in eval-ab), each steered at one of 64 alphas or not at all."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    beginnings, alphas = sentence_beginnings(), spread(64)
+    pairs = []
+    for i in range(count):
+        question = f'Which way does "{beginnings[i % len(beginnings)]}" go on?\n\nChoices:\n (A) happily\n (B) sadly'
+        head = question_ids(tokenizer, question)
+        sequences = (head + answer_ids(tokenizer, "A"), head + answer_ids(tokenizer, "B"))
+        alpha = float(alphas[i % 64])
+        pairs.append(Pair(i, "v", alpha, sequences, len(head), steering("v", alpha) if steered else None))
+    return pairs
+
+
+def ab_tok_s(llm, pairs: list[Pair]) -> float:
+    """Scored tokens per second of eval-ab's scoring pass over `pairs` (both answers of each)."""
+    with tempfile.TemporaryDirectory() as tmp, ArrowStream.open(Path(tmp) / CHOICES, CHOICES_SCHEMA)[0] as writer:
+        start = time.perf_counter()
+        counts = score(llm, pairs, writer, progress=False)
+        return counts["tokens"] / (time.perf_counter() - start)
 
 
 def _hf_tok_s(
@@ -162,12 +192,16 @@ def bench(
             if stock:
                 engines["stock"] = make_llm(model_dir, **engine_args)
             runs += [("stock vLLM", engines["stock"], configs["unsteered"])] if stock else []
+            timed = [(name, partial(vllm_tok_s, llm, prompts, args, max_tokens)) for name, llm, args in runs]
+            if stock:  # eval-ab: the same A/B sequences scored, steered at 64 alphas and by stock vLLM
+                for name, llm, steered in ((AB_STEERED, engines["steer"], True), (AB_STOCK, engines["stock"], False)):
+                    timed.append((name, partial(ab_tok_s, llm, _ab_pairs(model_dir, num_prompts, steered))))
             for _, llm, args in runs:  # warm-up
                 vllm_tok_s(llm, prompts[:8], args[:8], max_tokens)
             for r in range(rounds):
                 # Rotate the order each round: whichever runs first after a pause tends to be slower.
-                for name, llm, args in runs[r % len(runs) :] + runs[: r % len(runs)]:
-                    tok_s.setdefault(name, []).append(vllm_tok_s(llm, prompts, args, max_tokens))
+                for name, measure in timed[r % len(timed) :] + timed[: r % len(timed)]:
+                    tok_s.setdefault(name, []).append(measure())
                     _log(f"round {r + 1}/{rounds} {name:>20}: {tok_s[name][-1]:8.1f} tok/s")
         finally:
             for llm in engines.values():

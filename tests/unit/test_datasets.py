@@ -160,3 +160,23 @@ def test_extract_refuses_bad_data_before_any_model_loads(tmp_path, make_args, me
     assert result.exit_code == 2, result.output
     assert re.search(re.escape(message), " ".join(result.output.split())), result.output
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "records, extra, message",
+    [
+        ([_ab(), {"question": Q}], [], "a.jsonl line 2: field 'answer_matching_behavior' is missing"),
+        ([_ab(a=" (Z)")], [], "line 1: field 'answer_matching_behavior' is ' (Z)', but the question offers no choice"),
+        ([_ab()], ["--rows", "1:"], "holds 1 records"),
+        ([_ab()], ["--scope", "generated"], "scope 'generated' would steer nothing"),
+        ([_ab()], ["--alphas", "1,,2"], "give comma-separated numbers"),
+    ],
+)
+def test_eval_ab_refuses_bad_input_before_any_engine_starts(tmp_path, records, extra, message):
+    data = _jsonl(tmp_path / "a.jsonl", records)
+    out = tmp_path / "out"
+    args = ["eval-ab", str(data), "--model", str(tmp_path / "no-model-here"), "--out", str(out), *extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not out.exists()

@@ -184,8 +184,8 @@ def bench(
             dtype = hooks.engine_vllm_config(engines["steer"]).model_config.dtype  # the HF baseline runs in it too
             runs = [(name, engines["steer"], args) for name, args in configs.items()]
             for k in others:  # what unused slots cost: the same engine with k slots per token
-                additional = engine_config(max_vectors_per_request=k)
-                engines[k] = make_llm(model_dir, files, additional_config=additional, **engine_args)
+                additional = engine_config(vectors=files, max_vectors_per_request=k)
+                engines[k] = make_llm(model_dir, additional_config=additional, **engine_args)
                 for name in ("unsteered", "256 alphas"):
                     if name in configs:
                         runs.append((f"{name}, {k} slot{'s' if k > 1 else ''}", engines[k], configs[name]))

@@ -23,7 +23,7 @@ from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, KEY, Pair, report, score
 from steer_batch.eval.runfiles import MANIFEST
-from steer_batch.jobs.extract import default_vector
+from steer_batch.jobs.extract import default_vector, source
 from steer_batch.jobs.models import model_hash, resolve_model
 from steer_batch.jobs.run import (
     DEFAULT_VECTOR_NAME,
@@ -34,7 +34,7 @@ from steer_batch.jobs.run import (
     vector_files,
     versions,
 )
-from steer_batch.vectors.datasets import answer_ids, parse_rows, question_ids, read_ab, source
+from steer_batch.vectors.datasets import answer_ids, parse_rows, question_ids, read_ab
 
 
 @dataclass

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from steer_batch.driver.launch import check_plugin_allowed
+from steer_batch.engine.config import file_sha256
 from steer_batch.errors import SteerBatchError
 from steer_batch.jobs.models import cache_dir, model_hash, resolve_model
-from steer_batch.vectors.datasets import ab_extraction_ids, parse_rows, read_ab, read_pairs, source, text_ids
+from steer_batch.vectors.datasets import ab_extraction_ids, parse_rows, read_ab, read_pairs, rows_text, text_ids
 from steer_batch.vectors.methods import build_vector
 from steer_batch.vectors.prompts import DEFAULT_TEMPLATE, check_template, pair_prompts, read_strings
 from steer_batch.vectors.vector import SteeringVector
@@ -155,6 +156,11 @@ def extract(
         model_dir, p, n, layers, method, capture, engine_kwargs, llm,
         concept=f"{positive} - {negative}", extra={"template": template},
     )  # fmt: skip
+
+
+def source(path: Path, rows: tuple[int, int | None]) -> dict[str, str]:
+    """What a result records about the data file it came from: the file, its sha256, the rows."""
+    return {"file": str(Path(path).resolve()), "sha256": file_sha256(path), "rows": rows_text(rows)}
 
 
 def extract_data(

@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from steer_batch.engine.config import file_sha256
 from steer_batch.errors import SteerBatchError
 
 MATCH = "answer_matching_behavior"
@@ -69,11 +68,6 @@ def parse_rows(text: str | None) -> tuple[int, int | None]:
 
 def rows_text(rows: tuple[int, int | None]) -> str:
     return f"{rows[0]}:{'' if rows[1] is None else rows[1]}"
-
-
-def source(path: Path, rows: tuple[int, int | None]) -> dict[str, str]:
-    """What a result records about the data it came from: the file, its sha256, the rows."""
-    return {"file": str(Path(path).resolve()), "sha256": file_sha256(path), "rows": rows_text(rows)}
 
 
 def _records(path: Path, param: str) -> list[tuple[str, object]]:

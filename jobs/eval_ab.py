@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from steer_batch.driver.capture import capture_defaults
 from steer_batch.driver.launch import check_plugin_allowed, close_llm, make_llm
@@ -34,7 +34,7 @@ from steer_batch.jobs.run import (
     vector_files,
     versions,
 )
-from steer_batch.vectors.datasets import answer_ids, parse_rows, question_ids, read_ab
+from steer_batch.vectors.datasets import ABItem, answer_ids, parse_rows, question_ids, read_ab
 
 
 @dataclass
@@ -99,6 +99,7 @@ def eval_ab(
     selected = parse_rows(rows)
     items = read_ab(Path(data), selected, param="data")
     model_dir = resolve_model(model)
+    sequences = _sequences(model_dir, Path(data), items, (engine_kwargs or {}).get("max_model_len"))
     vectors = {n: Path(p) for n, p in (vectors or {}).items()}
     check_vectors_fit(model_dir, vectors)
     out = Path(out) if out is not None else Path("runs") / f"{model_dir.name}-{Path(data).stem}-eval-ab"
@@ -107,19 +108,16 @@ def eval_ab(
         vectors = {DEFAULT_VECTOR_NAME: default_vector(model_dir)}
     spec = _spec(model_dir, data, selected, items, vectors, alphas, op, scope)
     manifest = prepare_out(out, spec)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     writer, done = ArrowStream.open(out / CHOICES, CHOICES_SCHEMA, resume=True)
     with writer:
         done_keys = set(zip(*(done.column(k).to_pylist() for k in KEY)))
-        pairs = []
-        for item in items:
-            head = question_ids(tokenizer, item.question)
-            sequences = (head + answer_ids(tokenizer, item.match), head + answer_ids(tokenizer, item.not_match))
-            for vector in spec.vectors:
-                for alpha in spec.alphas:
-                    if (item.row, vector, f32(alpha)) not in done_keys:
-                        extra = steering(vector, alpha, op, scope)
-                        pairs.append(Pair(item.row, vector, alpha, sequences, len(head), extra))
+        pairs = [
+            Pair(item.row, vector, alpha, both, start, steering(vector, alpha, op, scope))
+            for item, (both, start) in zip(items, sequences)
+            for vector in spec.vectors
+            for alpha in spec.alphas
+            if (item.row, vector, f32(alpha)) not in done_keys
+        ]
         if pairs:
             kwargs = capture_defaults({"enable_prefix_caching": True, **(engine_kwargs or {})})
             llm = make_llm(model_dir, {n: v["path"] for n, v in spec.vectors.items()}, **kwargs)
@@ -134,6 +132,26 @@ def eval_ab(
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     report(out)
     return out
+
+
+def _sequences(model_dir: Path, data: Path, items: list[ABItem], max_model_len: int | None):
+    """Each item's ((match, not match) token sequences, answer start); a sequence longer than the
+    model's context is refused, naming its line."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limit = max_model_len or getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    found = []
+    for item in items:
+        head = question_ids(tokenizer, item.question)
+        both = (head + answer_ids(tokenizer, item.match), head + answer_ids(tokenizer, item.not_match))
+        longest = max(map(len, both))
+        if limit is not None and longest > limit:
+            raise SteerBatchError(
+                f"{data} {item.where}: field 'question' makes a {longest}-token sequence with its answer; "
+                f"the model takes {limit}",
+                param="data",
+            )
+        found.append((both, len(head)))
+    return found
 
 
 def _spec(model_dir, data, selected, items, vectors, alphas, op, scope) -> EvalSpec:

@@ -44,6 +44,7 @@ class ABItem:
     question: str
     match: str  # the letter of the answer matching the behaviour, e.g. "B"
     not_match: str
+    where: str = ""  # "line N" of its file, for errors found later
 
 
 def parse_rows(text: str | None) -> tuple[int, int | None]:
@@ -163,7 +164,7 @@ def read_ab(path: Path, rows: tuple[int, int | None] = (0, None), param: str = "
             raise SteerBatchError(
                 f"{path} {where}: fields {MATCH!r} and {NOT_MATCH!r} give the same answer", param=param
             )
-        items.append(ABItem(row, question, *letters))
+        items.append(ABItem(row, question, *letters, where))
     return items
 
 

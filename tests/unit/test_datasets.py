@@ -162,6 +162,15 @@ def test_extract_refuses_bad_data_before_any_model_loads(tmp_path, make_args, me
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
+def test_eval_ab_refuses_a_question_longer_than_the_context(model_dir, tmp_path):
+    data = _jsonl(tmp_path / "a.jsonl", [_ab(), _ab(question=Q + " x" * 300)])  # the tiny model takes 512
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["eval-ab", str(data), "--model", str(model_dir), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "a.jsonl line 2: field 'question' makes a 6" in result.output and "the model takes 512" in result.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "records, extra, message",
     [

@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
+from vllm import SamplingParams
 
 from steer_batch.eval.arrow_stream import ArrowStream, read_table, write_table
 from steer_batch.eval.report import bootstrap_interval
@@ -124,8 +125,6 @@ def score(llm, pairs: list[Pair], writer: ArrowStream, progress: bool = True) ->
     """Score every pair on `llm` (one batch, prefill only), writing each finished row to `writer`
     every FLUSH_SECONDS; returns counts: sequences, their tokens, the tokens read from the prefix
     cache, and the sequences scored again."""
-    from vllm import SamplingParams  # cli.py imports this module's report as it starts: vLLM loads only here
-
     engine = llm.llm_engine
     sides = [_Sides(p) for p in pairs]
     # vLLM's engine input of each distinct sequence (its renderer, as LLM.generate uses it), made
@@ -206,7 +205,7 @@ def summarize(out: Path) -> pa.Table:
 
 def plot(summary: pa.Table, path: Path, title: str) -> None:
     """p_match against alpha, one line per vector, with the intervals; 0.5 marked."""
-    # cli.py imports this module (through jobs/eval_ab.py's report) as it starts: matplotlib loads only here.
+    # matplotlib loads only when a figure is drawn: jobs/bench.py imports this module to score, not to plot.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -50,9 +50,10 @@ SENTIMENT_SCHEMA = pa.schema(
 KEY = ["prompt_id", "vector", "alpha"]
 
 
-def row_keys(table: pa.Table) -> set[tuple[int, str, float]]:
-    """The (prompt_id, vector, alpha) keys of a run table (generations or sentiment)."""
-    return set(zip(*(table.column(k).to_pylist() for k in KEY)))
+def row_keys(table: pa.Table, key: list[str] = KEY) -> set[tuple]:
+    """The keys of a table's rows: (prompt_id, vector, alpha) for a run table (generations or
+    sentiment), or the columns `key` names (eval-ab's (row, vector, alpha))."""
+    return set(zip(*(table.column(k).to_pylist() for k in key)))
 
 
 def require(out: Path, name: str, made_by: str) -> Path:

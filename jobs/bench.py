@@ -37,7 +37,7 @@ from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, Pair, score
 from steer_batch.jobs.extract import extract
 from steer_batch.jobs.models import cache_dir, default_model_dir, model_hash, resolve_model
 from steer_batch.jobs.run import RunSpec, Sampling, generate
-from steer_batch.vectors.datasets import answer_ids, question_ids
+from steer_batch.vectors.datasets import ABItem, ab_sequences
 from steer_batch.vectors.vector import SteeringVector
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
@@ -96,10 +96,9 @@ def _ab_pairs(model_dir: Path, count: int, steered: bool) -> list[Pair]:
     pairs = []
     for i in range(count):
         question = f'Which way does "{beginnings[i % len(beginnings)]}" go on?\n\nChoices:\n (A) happily\n (B) sadly'
-        head = question_ids(tokenizer, question)
-        sequences = (head + answer_ids(tokenizer, "A"), head + answer_ids(tokenizer, "B"))
+        sequences, start = ab_sequences(tokenizer, ABItem(i, question, "A", "B"))
         alpha = float(alphas[i % 64])
-        pairs.append(Pair(i, "v", alpha, sequences, len(head), steering("v", alpha) if steered else None))
+        pairs.append(Pair(i, "v", alpha, sequences, start, steering("v", alpha) if steered else None))
     return pairs
 
 

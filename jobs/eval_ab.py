@@ -10,7 +10,7 @@ holds the spec, a rerun resumes the rows not yet written, and another job's fold
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,7 +22,7 @@ from steer_batch.engine.config import OPS, SCOPES, steering
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream, read_table
 from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, KEY, Pair, report, score
-from steer_batch.eval.runfiles import MANIFEST
+from steer_batch.eval.runfiles import MANIFEST, row_keys
 from steer_batch.jobs.extract import default_vector, source
 from steer_batch.jobs.models import model_hash, resolve_model
 from steer_batch.jobs.run import (
@@ -31,10 +31,11 @@ from steer_batch.jobs.run import (
     f32,
     now,
     prepare_out,
+    same_spec,
     vector_files,
     versions,
 )
-from steer_batch.vectors.datasets import ABItem, answer_ids, parse_rows, question_ids, read_ab
+from steer_batch.vectors.datasets import ABItem, ab_sequences, parse_rows, read_ab
 
 
 @dataclass
@@ -64,12 +65,9 @@ class EvalSpec:
         ]
 
     def same_run(self, other: dict, vectors: bool = True) -> bool:
-        mine = asdict(self)
         keys = ("model_hash", "first_row", "num_rows", "alphas", "op", "scope")
-        same_data = mine["data"]["sha256"] == other.get("data", {}).get("sha256")
-        sha = {n: v["sha256"] for n, v in self.vectors.items()}
-        theirs = {n: v.get("sha256") for n, v in (other.get("vectors") or {}).items()}
-        return same_data and (sha == theirs or not vectors) and all(mine[k] == other.get(k) for k in keys)
+        same_data = self.data["sha256"] == other.get("data", {}).get("sha256")
+        return same_data and same_spec(self, other, keys, vectors)
 
 
 def eval_ab(
@@ -110,7 +108,7 @@ def eval_ab(
     manifest = prepare_out(out, spec)
     writer, done = ArrowStream.open(out / CHOICES, CHOICES_SCHEMA, resume=True)
     with writer:
-        done_keys = set(zip(*(done.column(k).to_pylist() for k in KEY)))
+        done_keys = row_keys(done, KEY)
         pairs = [
             Pair(item.row, vector, alpha, both, start, steering(vector, alpha, op, scope))
             for item, (both, start) in zip(items, sequences)
@@ -126,7 +124,7 @@ def eval_ab(
             finally:
                 close_llm(llm)
             manifest["scoring"] = counts
-    written = len(set(zip(*(read_table(out / CHOICES).column(k).to_pylist() for k in KEY))))
+    written = len(row_keys(read_table(out / CHOICES), KEY))  # what is on disk, after the writer closed
     finished = written == len(spec.rows)
     manifest.update(rows=written, finished=now() if finished else None, versions=versions())
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -141,8 +139,7 @@ def _sequences(model_dir: Path, data: Path, items: list[ABItem], max_model_len: 
     limit = max_model_len or getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
     found = []
     for item in items:
-        head = question_ids(tokenizer, item.question)
-        both = (head + answer_ids(tokenizer, item.match), head + answer_ids(tokenizer, item.not_match))
+        both, start = ab_sequences(tokenizer, item)
         longest = max(map(len, both))
         if limit is not None and longest > limit:
             raise SteerBatchError(
@@ -150,7 +147,7 @@ def _sequences(model_dir: Path, data: Path, items: list[ABItem], max_model_len: 
                 f"the model takes {limit}",
                 param="data",
             )
-        found.append((both, len(head)))
+        found.append((both, start))
     return found
 
 

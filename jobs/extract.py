@@ -233,7 +233,7 @@ def extract_file(
             )
         if rows is not None:
             raise SteerBatchError("--rows picks records of --pairs or --ab; personas use --suffixes", param="rows")
-        check_template(DEFAULT_TEMPLATE if template is None else template)
+        template = check_template(DEFAULT_TEMPLATE if template is None else template)
         _, suffix_list = read_strings(suffixes, param="suffixes", item="suffix")
     else:
         for name, value in (("template", template), ("suffixes", suffixes)):
@@ -250,7 +250,6 @@ def extract_file(
     layer_list = parse_layers(layers, AutoConfig.from_pretrained(model_dir).num_hidden_layers)
     parallel = dict(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
     if persona:
-        template = DEFAULT_TEMPLATE if template is None else template
         vector = extract(model_dir, positive, negative, suffix_list, layer_list, method, template, capture, parallel)
     else:
         vector = extract_data(model_dir, kind, path, selected, layer_list, method, capture, parallel)

@@ -90,11 +90,17 @@ class RunSpec:
     def same_run(self, other: dict, vectors: bool = True) -> bool:
         """Whether `other` (a manifest's spec) is this run; `vectors=False` leaves the vectors'
         files out (checked before the default vector is extracted)."""
-        mine = asdict(self)
-        sha = {name: v["sha256"] for name, v in self.vectors.items()}
-        theirs = {name: v.get("sha256") for name, v in (other.get("vectors") or {}).items()}
         keys = ("model_hash", "alphas", "prompts_sha256", "num_prompts", "sampling", "op", "scope", "sample")
-        return (sha == theirs or not vectors) and all(mine[k] == other.get(k) for k in keys)
+        return same_spec(self, other, keys, vectors)
+
+
+def same_spec(spec, other: dict, keys: tuple[str, ...], vectors: bool = True) -> bool:
+    """Whether a manifest's spec `other` equals `spec` (a dataclass with `vectors`, name ->
+    {"path", "sha256"}) at `keys` and, unless `vectors` is False, in its vector files' sha256."""
+    mine = asdict(spec)
+    sha = {name: v["sha256"] for name, v in spec.vectors.items()}
+    theirs = {name: v.get("sha256") for name, v in (other.get("vectors") or {}).items()}
+    return (sha == theirs or not vectors) and all(mine[k] == other.get(k) for k in keys)
 
 
 def versions() -> dict[str, str]:

@@ -189,11 +189,16 @@ def answer_ids(tokenizer, letter: str, whole: bool = True) -> list[int]:
     return tokenizer(f"({letter}{')' if whole else ''}", add_special_tokens=False)["input_ids"]
 
 
+def ab_sequences(tokenizer, item: ABItem, whole: bool = True) -> tuple[tuple[list[int], list[int]], int]:
+    """((matching, other) sequences, where the answers start): the question, then each answer,
+    whole (`(B)`, what evaluation scores) or up to its letter (`(B`, what extraction reads)."""
+    head = question_ids(tokenizer, item.question)
+    both = tuple(head + answer_ids(tokenizer, letter, whole) for letter in (item.match, item.not_match))
+    return both, len(head)
+
+
 def ab_extraction_ids(tokenizer, items: list[ABItem]) -> tuple[list[list[int]], list[list[int]]]:
     """(positive, negative) sequences: the question, then the matching / other answer up to its
     letter; the state at the letter's last token is the one extraction reads."""
-    heads = [question_ids(tokenizer, item.question) for item in items]
-    return (
-        [h + answer_ids(tokenizer, item.match, whole=False) for h, item in zip(heads, items)],
-        [h + answer_ids(tokenizer, item.not_match, whole=False) for h, item in zip(heads, items)],
-    )
+    both = [ab_sequences(tokenizer, item, whole=False)[0] for item in items]
+    return [p for p, _ in both], [n for _, n in both]

@@ -93,6 +93,18 @@ class SteeringVector:
     def __sub__(self, other: SteeringVector) -> SteeringVector:
         return self + (-other)
 
+    def restricted(self, layers: list[int]) -> SteeringVector:
+        """The same directions at `layers` only (each must be one of this vector's), the layers
+        recorded in the metadata ("restricted_to")."""
+        missing = sorted(set(layers) - set(self.directions))
+        if missing or not layers:
+            raise SteerBatchError(
+                f"layers {missing or layers} are not among the vector's layers {self.layers}", param="layers"
+            )
+        sliced = self._with({i: self.directions[i] for i in sorted(layers)})
+        sliced.metadata["restricted_to"] = ",".join(map(str, sorted(layers)))
+        return sliced
+
     # -- file format ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the vector file whole or not at all (a temporary file beside it, then renamed)."""

@@ -112,7 +112,16 @@ def calibration_table(out: Path, target: str, max_nll_increase: float) -> tuple[
         raise SteerBatchError(
             f"{out} has no alpha 0 to compare with; calibrate with 0 among the alphas", param="alphas"
         )
-    base = by_alpha[0.0]
+    table = pa.Table.from_pylist(effect_rows(by_alpha, by_alpha[0.0], target))
+    return table, recommend(
+        table.column("alpha").to_pylist(), table.column("nll_increase").to_pylist(), max_nll_increase
+    )
+
+
+def effect_rows(by_alpha: dict[float, dict[int, dict]], base: dict[int, dict], target: str) -> list[dict]:
+    """Per alpha (sorted), over the prompts it shares with `base` (the unsteered rows, by
+    prompt_id): n, the mean p_target, and the effect (p_target's shift from base), the nll and the
+    nll increase over base, each with a 95% paired bootstrap interval."""
     column = f"p_{target}"
     table = []
     for alpha in sorted(by_alpha):
@@ -122,15 +131,12 @@ def calibration_table(out: Path, target: str, max_nll_increase: float) -> tuple[
         nll = np.array([part[i]["nll"] for i in ids], np.float64)
         both = [i for i in ids if math.isfinite(part[i]["nll"]) and math.isfinite(base[i]["nll"])]
         increase = np.array([part[i]["nll"] - base[i]["nll"] for i in both], np.float64)
-        row = {"alpha": alpha, "n": len(ids), f"p_{target}": float(np.mean([part[i][column] for i in ids]))}
+        row = {"alpha": alpha, "n": len(ids), column: float(np.mean([part[i][column] for i in ids]))}
         for name, values in (("effect", effect), ("nll", nll[np.isfinite(nll)]), ("nll_increase", increase)):
             row[name] = float(values.mean()) if len(values) else math.nan
             row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(values) if len(values) else (math.nan,) * 2
         table.append(row)
-    table = pa.Table.from_pylist(table)
-    return table, recommend(
-        table.column("alpha").to_pylist(), table.column("nll_increase").to_pylist(), max_nll_increase
-    )
+    return table
 
 
 def recommend(alphas: list[float], nll_increase: list[float], budget: float) -> dict[str, float | None]:

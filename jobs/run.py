@@ -48,6 +48,7 @@ from steer_batch.vectors.vector import SteeringVector
 DEFAULT_VECTOR_NAME = "happy"  # the default vector's name in a run (jobs/extract.py's recipe)
 FLUSH_SECONDS = 2.0
 CALIBRATION = "calibration"  # the calibration folder of a run with --alphas auto (jobs/calibrate.py)
+SLICES = "slices"  # a sweep's vector slices, written before its run starts (jobs/sweep.py)
 
 
 @dataclass
@@ -75,11 +76,19 @@ class RunSpec:
     op: str = "add"
     scope: str = "all"
     sample: int | None = None  # an evenly spaced sample of this many prompts from prompts_file (calibrate)
+    zero_once: bool = False  # alpha 0 (unsteered) with the first vector only (sweep: every slice shares it)
 
     @property
     def rows(self) -> list[tuple[int, str, float]]:
         """(prompt_id, vector, alpha) of every row, in submission order."""
-        return [(p, v, a) for p in range(self.num_prompts) for v in self.vectors for a in self.alphas]
+        first = next(iter(self.vectors), None)
+        return [
+            (p, v, a)
+            for p in range(self.num_prompts)
+            for v in self.vectors
+            for a in self.alphas
+            if not (self.zero_once and a == 0.0 and v != first)
+        ]
 
     def seed(self, prompt_id: int, vector: str, alpha: float) -> int:
         """seed + the row's index: prompt p, the i-th vector, the j-th alpha (with one vector,
@@ -91,7 +100,9 @@ class RunSpec:
         """Whether `other` (a manifest's spec) is this run; `vectors=False` leaves the vectors'
         files out (checked before the default vector is extracted)."""
         keys = ("model_hash", "alphas", "prompts_sha256", "num_prompts", "sampling", "op", "scope", "sample")
-        return same_spec(self, other, keys, vectors)
+        return same_spec(self, other, keys, vectors) and (
+            self.zero_once == other.get("zero_once", False)  # manifests from before the field
+        )
 
 
 def same_spec(spec, other: dict, keys: tuple[str, ...], vectors: bool = True) -> bool:
@@ -131,7 +142,7 @@ def prepare_out(out: Path, spec, check_only: bool = False) -> dict | None:
                 "to replace it"
             )
         return existing
-    if out.exists() and {p.name for p in out.iterdir()} - {CALIBRATION}:
+    if out.exists() and {p.name for p in out.iterdir()} - {CALIBRATION, SLICES}:
         raise SteerBatchError(f"{out} exists and is not a steer-batch run folder; choose another --out")
     if check_only:
         return None
@@ -348,6 +359,7 @@ def run(
     two_engines: bool = False,
     sample: int | None = None,
     calibration: dict | None = None,
+    zero_once: bool = False,
     progress: bool = True,
 ) -> RunResult:
     """Generate from every prompt with every vector at every alpha in one engine, then classify
@@ -364,15 +376,16 @@ def run(
     is not cached yet, one engine captures the pairs, gets the vector added at runtime and
     generates (`two_engines=True`: an extraction engine first, then the generation engine, as
     before); sample: use an evenly spaced sample of that many prompts; calibration: what chose
-    the alphas (jobs/calibrate.py), recorded in the manifest. Bad input fails before any engine
-    starts, writing nothing.
+    the alphas (jobs/calibrate.py), recorded in the manifest; zero_once: alpha 0 with the first
+    vector only (a sweep's slices share one unsteered row per prompt). Bad input fails before any
+    engine starts, writing nothing.
     """
     start = time.perf_counter()
     inputs = _check_inputs(model, vectors, alphas, prompts, op, scope, sample)  # before anything is written
     seconds = {"set-up": time.perf_counter() - start}
     out = Path(out) if out is not None else _default_out(inputs.model_dir, vectors, inputs.alphas)
     engine_kwargs = _engine_kwargs(enforce_eager, tensor_parallel_size, pipeline_parallel_size)
-    spec_of = partial(_spec, inputs, sampling or Sampling(), op, scope, sample)
+    spec_of = partial(_spec, inputs, sampling or Sampling(), op, scope, sample, zero_once=zero_once)
     with SharedEngine() as shared:  # one engine for extraction, generation and classification's nll pass
         vectors, start_engine = _vectors_and_engine(
             inputs, vectors, out, spec_of, engine_kwargs, shared, ray, two_engines
@@ -455,7 +468,9 @@ def _engine_kwargs(enforce_eager: bool | None, tensor_parallel_size: int, pipeli
     )
 
 
-def _spec(inputs: _Inputs, sampling: Sampling, op: str, scope: str, sample: int | None, vectors: dict) -> RunSpec:
+def _spec(
+    inputs: _Inputs, sampling: Sampling, op: str, scope: str, sample: int | None, vectors: dict, zero_once: bool = False
+) -> RunSpec:
     return RunSpec(
         model=str(inputs.model_dir),
         model_hash=model_hash(inputs.model_dir),
@@ -468,6 +483,7 @@ def _spec(inputs: _Inputs, sampling: Sampling, op: str, scope: str, sample: int 
         op=op,
         scope=scope,
         sample=sample,
+        zero_once=zero_once,
     )
 
 

@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from steer_batch.errors import SteerBatchError
@@ -83,6 +84,71 @@ def sweep_table(out: Path, target: str, max_nll_increase: float) -> tuple[pa.Tab
     return pa.Table.from_pylist(table), recommendation
 
 
+def plot(table: pa.Table, recommendation: dict, path: Path, title: str) -> None:
+    """Effect and nll increase as layer sets x alpha heatmaps side by side, the recommended cell
+    marked."""
+    import matplotlib  # only here, as in eval/report.py: cli.py imports this module as it starts
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table.to_pylist()
+    sets = list(dict.fromkeys(r["layers"] for r in rows))
+    alphas = sorted({r["alpha"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(sets) + 2.4), dpi=130)
+    for ax, name, cmap, label in (
+        (axes[0], "effect", "RdBu", f"effect: shift of p_{recommendation['target']} from alpha 0"),
+        (axes[1], "nll_increase", "Reds", "nll increase from alpha 0 (nats/token)"),
+    ):
+        grid = np.full((len(sets), len(alphas)), np.nan)
+        for r in rows:
+            grid[sets.index(r["layers"]), alphas.index(r["alpha"])] = r[name]
+        limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
+        image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=-limit if name == "effect" else 0, vmax=limit or 1.0)
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_yticks(range(len(sets)), sets)
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("layers")
+        ax.set_title(label, fontsize=8)
+        fig.colorbar(image, ax=ax)
+        chosen = recommendation["recommended"]
+        if chosen:
+            i, j = sets.index(chosen["layers"]), alphas.index(chosen["alpha"])
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
+    fig.suptitle(f"{title}; budget {recommendation['max_nll_increase']} nats (box: recommended)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(table: pa.Table, recommendation: dict, path: Path, title: str) -> None:
+    chosen = recommendation["recommended"]
+    lines = [
+        f"# Sweep: {title}",
+        "",
+        f"Target `{recommendation['target']}`, nll budget {recommendation['max_nll_increase']} nats per token.",
+        "Recommended: "
+        + (
+            f"layers {chosen['layers']} at alpha {chosen['alpha']:g} (effect {chosen['effect']:+.3f})"
+            if chosen
+            else "none"
+        ),
+        "",
+        "| layers | alpha | n | effect [95% CI] | nll increase [95% CI] |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in table.to_pylist():
+        lines.append(
+            f"| {r['layers']} | {r['alpha']:+g} | {r['n']} | {r['effect']:+.3f} [{r['effect_lo']:+.3f}, "
+            f"{r['effect_hi']:+.3f}] | {r['nll_increase']:+.3f} [{r['nll_increase_lo']:+.3f}, "
+            f"{r['nll_increase_hi']:+.3f}] |"
+        )
+    lines += ["", f"![sweep]({SWEEP_FIGURE})", ""]
+    path.write_text("\n".join(lines))
+
+
 def sweep(
     out: Path,
     *,
@@ -130,4 +196,7 @@ def sweep(
     table, recommendation = sweep_table(out, target, max_nll_increase)
     write_table(out / SWEEP_ARROW, table)
     (out / SWEEP_JSON).write_text(json.dumps(recommendation, indent=2))
+    title = f"{name}, {len(sets)} layer sets x {len(table) // max(len(sets), 1)} alphas, {sample} prompts"
+    plot(table, recommendation, out / SWEEP_FIGURE, title)
+    write_report(table, recommendation, out / SWEEP_REPORT, title)
     return recommendation

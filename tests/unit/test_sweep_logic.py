@@ -9,7 +9,7 @@ import pytest
 from steer_batch.eval import runfiles
 from steer_batch.eval.arrow_stream import ArrowStream
 from steer_batch.jobs.run import RunSpec
-from steer_batch.jobs.sweep import sweep_table
+from steer_batch.jobs.sweep import plot, sweep_table, write_report
 
 PROMPTS = 6
 
@@ -51,6 +51,10 @@ def test_cells_pair_with_the_shared_alpha_0_and_the_best_cell_within_budget_wins
     assert tight["recommended"]["layers"] == "0-1"
     _, negative = sweep_table(tmp_path / "s", "negative", 0.5)
     assert negative["recommended"] is None  # p_negative never moves here
+    plot(table, rec, tmp_path / "sweep.png", "t")
+    write_report(table, rec, tmp_path / "sweep.md", "t")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    assert "Recommended: layers 2-3 at alpha 4" in (tmp_path / "sweep.md").read_text()
 
 
 def test_zero_once_keeps_one_unsteered_row_per_prompt():

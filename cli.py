@@ -446,6 +446,87 @@ def calibrate(
     click.echo(f"files: {out / 'calibration.arrow'}, {out / 'calibration.json'}, {out / 'calibration.png'}", err=True)
 
 
+@main.command()
+@_model_option
+@click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="The steering vector, NAME=FILE or FILE (default: happy = the cached happy - sad vector for the model).",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="Layer sets: 'each' (every layer of the vector alone) or ranges like 8-11,12-15 (inclusive); "
+    "default: windows of 4 of the vector's layers.",
+)
+@click.option("--window", default=None, type=click.IntRange(1), help="Layers per window (instead of --layers).")
+@click.option(
+    "--stride", default=None, type=click.IntRange(1), help="Layers between windows' starts (default: --window)."
+)
+@click.option("--alphas", default="-8,-4,4,8", show_default=True, help="Alphas or START:STOP:N ranges (0 is added).")
+@click.option(
+    "--sample", default=DEFAULT_SAMPLE, show_default=True, type=click.IntRange(1), help="Prompts, evenly spaced."
+)
+@click.option(
+    "--max-nll-increase",
+    default=DEFAULT_MAX_NLL_INCREASE,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Coherence budget: nats per token above alpha 0 under the unsteered model.",
+)
+@click.option("--target", type=click.Choice(TARGETS), default="positive", show_default=True, help="The class to move.")
+@_classifier_option
+@click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON list of prompt strings to sample from (default: the 581 RepE sentence beginnings).",
+)
+@_max_tokens_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Sweep folder (default: runs/<model>-<vector>-sweep). The same command resumes it.",
+)
+@_eager_option
+@_verbose
+def sweep(
+    model, vectors, layers, window, stride, alphas, sample, max_nll_increase, target, classifier, prompts, max_tokens,
+    out, enforce_eager,
+):  # fmt: skip
+    """Which layers and which alpha: every layer set x alpha of one vector in one batched run; the effect on the
+    target class and the coherence cost per cell, and the best cell within the budget."""
+    from steer_batch.jobs.models import resolve_model
+    from steer_batch.jobs.run import DEFAULT_VECTOR_NAME, Sampling, parse_alphas, parse_vectors
+    from steer_batch.jobs.sweep import SWEEP_REPORT
+    from steer_batch.jobs.sweep import sweep as sweep_job
+
+    vector = parse_vectors(vectors) or None
+    if out is None:
+        label = next(iter(vector)) if vector else DEFAULT_VECTOR_NAME
+        out = Path("runs") / f"{resolve_model(model).name}-{label}-sweep"
+    sweep_job(
+        out,
+        model=model,
+        vector=vector,
+        layers=layers,
+        window=window,
+        stride=stride,
+        alphas=parse_alphas(alphas),
+        sample=sample,
+        max_nll_increase=max_nll_increase,
+        target=target,
+        classifier=classifier,
+        prompts=prompts,
+        sampling=Sampling(max_tokens=max_tokens),
+        enforce_eager=enforce_eager,
+    )
+    click.echo((out / SWEEP_REPORT).read_text())
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("model", required=False)
 @click.option("--vector", "vectors", multiple=True, metavar="NAME=FILE", help="A start-up vector; repeat for several.")

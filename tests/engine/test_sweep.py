@@ -1,0 +1,69 @@
+"""`steer-batch sweep` on a tiny model with a direction planted at one layer only (the
+calibrate test's word-level model: the last layer's direction writes VADER's positive words;
+the other layers carry directions a million times smaller than their states): the sweep over
+each layer recommends the planted layer, the other layers' cells show no effect at all (their
+greedy tokens are the unsteered ones), and a cell's rows equal a separate `run` with that slice,
+token for token."""
+
+import json
+
+import pyarrow.compute as pc
+import torch
+from click.testing import CliRunner
+from test_calibrate import NEGATIVE, POSITIVE, _word_tokenizer
+
+from helpers import LAYERS, VOCAB, load_hf, make_model
+from steer_batch import SteeringVector
+from steer_batch.cli import main
+from steer_batch.eval.arrow_stream import read_table
+
+
+def test_sweep_finds_the_planted_layer_and_its_cells_equal_separate_runs(tmp_path):
+    model_dir = make_model("llama", tmp_path / "model", seed=3)
+    ids = _word_tokenizer(model_dir)
+    model = load_hf(model_dir)
+    head = model.get_output_embeddings().weight.detach()
+    planted = head[[ids[w] for w in POSITIVE]].mean(0) - head[[ids[w] for w in NEGATIVE]].mean(0)
+    with torch.no_grad():
+        states = model(torch.randint(3, VOCAB, (1, 32)), output_hidden_states=True).hidden_states
+    g = torch.Generator().manual_seed(1)
+    directions = {i: torch.randn(planted.shape[0], generator=g) * 1e-6 for i in range(LAYERS - 1)}
+    directions[LAYERS - 1] = planted / planted.norm() * states[LAYERS][0].norm(dim=-1).mean()
+    SteeringVector(directions, LAYERS, model=str(model_dir), method="planted").save(tmp_path / "v.safetensors")
+    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (5,), generator=g)) for _ in range(12)]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    common = ["--model", str(model_dir), "--prompts", str(tmp_path / "prompts.json"), "--max-tokens", "8"]
+    common += ["--classifier", "vader", "--enforce-eager"]
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(
+        main,
+        ["sweep", "--vector", f"v={tmp_path / 'v.safetensors'}", "--layers", "each", "--alphas", "-6,6",
+         "--max-nll-increase", "100", "--out", str(out), *common],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recommendation = json.loads((out / "sweep.json").read_text())
+    assert recommendation["recommended"]["layers"] == str(LAYERS - 1), recommendation
+    assert recommendation["recommended"]["alpha"] == 6.0 and recommendation["recommended"]["effect"] > 0.2
+    cells = read_table(out / "sweep.arrow").to_pylist()
+    assert len(cells) == LAYERS * 2
+    for cell in cells:
+        if cell["layers"] != str(LAYERS - 1):
+            assert cell["effect"] == 0.0 and cell["nll_increase"] == 0.0, cell
+    generations = read_table(out / "generations.arrow")
+    assert pc.sum(pc.equal(generations.column("alpha"), 0.0)).as_py() == len(prompts)  # alpha 0 once
+    # One cell again as a separate run with its slice: the same tokens, row for row.
+    single = tmp_path / "single"
+    name = f"v@{LAYERS - 1}"
+    result = CliRunner().invoke(
+        main,
+        ["run", "--vector", f"{name}={out / 'slices' / f'{name}.safetensors'}", "--alphas", "6", "--out", str(single),
+         "--no-eval", *common[:-3], "--enforce-eager"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    alone = {r["prompt_id"]: r["token_ids"] for r in read_table(single / "generations.arrow").to_pylist()}
+    swept = {
+        r["prompt_id"]: r["token_ids"] for r in generations.to_pylist() if r["vector"] == name and r["alpha"] == 6.0
+    }
+    assert swept == alone and len(alone) == len(prompts)

@@ -19,7 +19,8 @@ from steer_batch import quiet
 from steer_batch.engine.config import OPS, SCOPES
 from steer_batch.errors import SteerBatchError
 from steer_batch.eval.classify import CLASSIFIERS
-from steer_batch.jobs.calibrate import DEFAULT_ALPHAS, DEFAULT_MAX_NLL_INCREASE, DEFAULT_SAMPLE, TARGETS
+from steer_batch.eval.effects import AB_TARGETS, DEFAULT_MAX_NLL_INCREASE, TARGETS
+from steer_batch.jobs.calibrate import DEFAULT_ALPHAS, DEFAULT_SAMPLE
 from steer_batch.jobs.extract import CAPTURES
 from steer_batch.vectors.methods import METHODS
 from steer_batch.vectors.prompts import DEFAULT_TEMPLATE
@@ -467,7 +468,19 @@ def calibrate(
 )
 @click.option("--alphas", default="-8,-4,4,8", show_default=True, help="Alphas or START:STOP:N ranges (0 is added).")
 @click.option(
-    "--sample", default=DEFAULT_SAMPLE, show_default=True, type=click.IntRange(1), help="Prompts, evenly spaced."
+    "--ab",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="An A/B behaviour file (JSONL, as eval-ab reads): the effect is the shift of p_match; the --sample "
+    "generations then measure the nll cost only.",
+)
+@_rows_option
+@click.option(
+    "--sample",
+    default=DEFAULT_SAMPLE,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Prompts to generate from, evenly spaced (the effect with a sentiment target, the nll cost always).",
 )
 @click.option(
     "--max-nll-increase",
@@ -476,7 +489,12 @@ def calibrate(
     type=click.FloatRange(0, min_open=True),
     help="Coherence budget: nats per token above alpha 0 under the unsteered model.",
 )
-@click.option("--target", type=click.Choice(TARGETS), default="positive", show_default=True, help="The class to move.")
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS + AB_TARGETS),
+    default=None,
+    help="What to move: a sentiment class (default positive), or with --ab match / not_match (default match).",
+)
 @_classifier_option
 @click.option(
     "--prompts",
@@ -494,11 +512,12 @@ def calibrate(
 @_eager_option
 @_verbose
 def sweep(
-    model, vectors, layers, window, stride, alphas, sample, max_nll_increase, target, classifier, prompts, max_tokens,
-    out, enforce_eager,
+    model, vectors, layers, window, stride, alphas, ab, rows, sample, max_nll_increase, target, classifier, prompts,
+    max_tokens, out, enforce_eager,
 ):  # fmt: skip
     """Which layers and which alpha: every layer set x alpha of one vector in one batched run; the effect on the
-    target class and the coherence cost per cell, and the best cell within the budget."""
+    target (a sentiment class, or an A/B behaviour with --ab) and the coherence cost per cell, and the best cell
+    within the budget."""
     from steer_batch.jobs.models import resolve_model
     from steer_batch.jobs.run import DEFAULT_VECTOR_NAME, Sampling, parse_alphas, parse_vectors
     from steer_batch.jobs.sweep import SWEEP_REPORT
@@ -516,6 +535,8 @@ def sweep(
         window=window,
         stride=stride,
         alphas=parse_alphas(alphas),
+        ab=ab,
+        rows=rows,
         sample=sample,
         max_nll_increase=max_nll_increase,
         target=target,

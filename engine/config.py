@@ -57,6 +57,7 @@ _VECTOR_FIELDS = ("path", "sha256", "layers")
 DEFAULT_MAX_ABS_ALPHA = 1000.0
 DEFAULT_MAX_VECTORS_PER_REQUEST = 4
 DEFAULT_MAX_VECTORS = 16  # bank rows per steered layer: start-up and runtime vectors together
+MAX_BANK_ROWS = 4096  # the most max_vectors may ask for
 
 
 def _is_int(value: Any, lo: int, hi: int) -> bool:
@@ -145,8 +146,9 @@ class SteeringConfig:
         rows = field(
             "max_vectors",
             max(DEFAULT_MAX_VECTORS, len(vectors)),
-            lambda v: _is_int(v, max(1, len(vectors)), 4096),
-            f"expected an integer from the number of vectors ({len(vectors)}) to 4096 (default {DEFAULT_MAX_VECTORS})",
+            lambda v: _is_int(v, max(1, len(vectors)), MAX_BANK_ROWS),
+            f"expected an integer from the number of vectors ({len(vectors)}) to {MAX_BANK_ROWS} "
+            f"(default {DEFAULT_MAX_VECTORS})",
         )
         layers = field(
             "layers",

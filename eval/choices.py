@@ -180,16 +180,20 @@ def score(llm, pairs: list[Pair], writer: ArrowStream, progress: bool = True) ->
 
 def summarize(out: Path) -> pa.Table:
     """One row per (vector, alpha), in the file's vector order and by alpha: n, p_match and its
-    paired shift from alpha 0 (the same rows), each with a 95% bootstrap interval."""
+    paired shift from alpha 0 (the same rows: the vector's own alpha 0, else the first vector's,
+    which a sweep's slices share), each with a 95% bootstrap interval."""
     choices = read_table(require(out, CHOICES, f"run `steer-batch eval-ab ... --out {out}`"))
-    rows = []
+    by_vector: dict[str, dict[float, dict[int, float]]] = {}
     for vector in dict.fromkeys(choices.column("vector").to_pylist()):
         of_vector = choices.filter(pc.equal(choices.column("vector"), vector))
-        by_alpha = {}
+        by_alpha = by_vector[vector] = {}
         for alpha in sorted(set(of_vector.column("alpha").to_pylist())):
             part = of_vector.filter(pc.equal(of_vector.column("alpha"), pa.scalar(alpha, pa.float32())))
             by_alpha[alpha] = dict(zip(part.column("row").to_pylist(), part.column("p_match").to_pylist()))
-        base = by_alpha.get(0.0, {})
+    shared = next((by_alpha[0.0] for by_alpha in by_vector.values() if 0.0 in by_alpha), {})
+    rows = []
+    for vector, by_alpha in by_vector.items():
+        base = by_alpha.get(0.0, shared)
         for alpha, values in by_alpha.items():
             keys = sorted(values)  # the resampling does not depend on the order rows were written
             p = np.array([values[r] for r in keys])

@@ -5,8 +5,8 @@ batch holds them all), classified and scored, then per alpha
 - nll: the mean negative log-likelihood per token under the unsteered model (eval/coherence.py),
   and nll_increase, its mean shift from alpha 0, prompt by prompt;
 
-each with a 95% paired bootstrap interval (the prompts resampled, eval/report.py's resampler),
-and the recommended alphas: on each side of 0, walking outward, the last alpha before the first
+each with a 95% paired bootstrap interval (eval/effects.py: the table a sweep of one layer set
+makes), and the recommended alphas: on each side of 0, walking outward, the last alpha before the first
 whose nll increase exceeds the budget.
 
 Files in the calibration folder, beside the run's own: calibration.arrow (one row per alpha),
@@ -16,27 +16,21 @@ calibration.json (the recommendation), calibration.png (effect and nll increase 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from steer_batch.errors import SteerBatchError
-from steer_batch.eval.arrow_stream import read_table, write_table
-from steer_batch.eval.report import bootstrap_interval
-from steer_batch.eval.runfiles import SENTIMENT, require
+from steer_batch.eval.arrow_stream import write_table
+from steer_batch.eval.effects import DEFAULT_MAX_NLL_INCREASE, cells, check_budget
 from steer_batch.jobs.models import resolve_model
 
 # cli.py imports this module for its defaults as it starts; jobs/run.py (vLLM, about 9 s) loads
 # inside the functions that run a job, so `steer-batch --help` does not wait for it.
 
-TARGETS = ("negative", "neutral", "positive")
 DEFAULT_SAMPLE = 128
 DEFAULT_ALPHAS = "-8:8:17"
-# Nats per token: steered text may be up to e^0.5 = 1.65x less likely per token, on average, than
-# the unsteered model finds it. On the default model the readable alpha +-4 costs about 0.4.
-DEFAULT_MAX_NLL_INCREASE = 0.5
 CALIBRATION_ARROW = "calibration.arrow"
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_FIGURE = "calibration.png"
@@ -61,12 +55,7 @@ def calibrate(
     enforce_eager...)."""
     from steer_batch.jobs.run import parse_alphas, run
 
-    if target not in TARGETS:
-        raise SteerBatchError(f"target={target!r}; allowed: {list(TARGETS)}", param="target")
-    if not (max_nll_increase > 0 and math.isfinite(max_nll_increase)):
-        raise SteerBatchError(
-            f"max_nll_increase={max_nll_increase}; give a positive number of nats", param="max_nll_increase"
-        )
+    check_budget(target, max_nll_increase)
     if vector is not None and len(vector) != 1:
         raise SteerBatchError(f"calibrate one vector at a time, got {len(vector)}", param="vector")
     alphas = sorted({*(parse_alphas(DEFAULT_ALPHAS) if alphas is None else alphas), 0.0})
@@ -103,40 +92,13 @@ def calibrate(
 
 def calibration_table(out: Path, target: str, max_nll_increase: float) -> tuple[pa.Table, dict]:
     """(one row per alpha, {"negative": alpha or None, "positive": alpha or None}) from a
-    classified run folder with one vector and alpha 0 among its alphas."""
-    rows = read_table(require(out, SENTIMENT, f"classify it with `steer-batch classify {out}`")).to_pylist()
-    by_alpha: dict[float, dict[int, dict]] = {}
-    for r in rows:
-        by_alpha.setdefault(float(r["alpha"]), {})[r["prompt_id"]] = r
-    if 0.0 not in by_alpha:
-        raise SteerBatchError(
-            f"{out} has no alpha 0 to compare with; calibrate with 0 among the alphas", param="alphas"
-        )
-    table = pa.Table.from_pylist(effect_rows(by_alpha, by_alpha[0.0], target))
+    classified run folder with one vector and alpha 0 among its alphas: a sweep of one layer set
+    (eval/effects.py's cells)."""
+    (rows,) = cells(out, target).values()
+    table = pa.Table.from_pylist(rows)
     return table, recommend(
         table.column("alpha").to_pylist(), table.column("nll_increase").to_pylist(), max_nll_increase
     )
-
-
-def effect_rows(by_alpha: dict[float, dict[int, dict]], base: dict[int, dict], target: str) -> list[dict]:
-    """Per alpha (sorted), over the prompts it shares with `base` (the unsteered rows, by
-    prompt_id): n, the mean p_target, and the effect (p_target's shift from base), the nll and the
-    nll increase over base, each with a 95% paired bootstrap interval."""
-    column = f"p_{target}"
-    table = []
-    for alpha in sorted(by_alpha):
-        part = by_alpha[alpha]
-        ids = sorted(set(part) & set(base))
-        effect = np.array([part[i][column] - base[i][column] for i in ids], np.float64)
-        nll = np.array([part[i]["nll"] for i in ids], np.float64)
-        both = [i for i in ids if math.isfinite(part[i]["nll"]) and math.isfinite(base[i]["nll"])]
-        increase = np.array([part[i]["nll"] - base[i]["nll"] for i in both], np.float64)
-        row = {"alpha": alpha, "n": len(ids), column: float(np.mean([part[i][column] for i in ids]))}
-        for name, values in (("effect", effect), ("nll", nll[np.isfinite(nll)]), ("nll_increase", increase)):
-            row[name] = float(values.mean()) if len(values) else math.nan
-            row[f"{name}_lo"], row[f"{name}_hi"] = bootstrap_interval(values) if len(values) else (math.nan,) * 2
-        table.append(row)
-    return table
 
 
 def recommend(alphas: list[float], nll_increase: list[float], budget: float) -> dict[str, float | None]:

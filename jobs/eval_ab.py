@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -53,19 +54,24 @@ class EvalSpec:
     alphas: list[float]
     op: str = "add"
     scope: str = "all"
+    zero_once: bool = False  # alpha 0 (unsteered) with the first vector only (a sweep's slices share it)
 
     @property
     def rows(self) -> list[tuple[int, str, float]]:
         """(row, vector, alpha) of every row, in submission order."""
+        first = next(iter(self.vectors), None)
         return [
             (r, v, a)
             for r in range(self.first_row, self.first_row + self.num_rows)
             for v in self.vectors
             for a in self.alphas
+            if not (self.zero_once and a == 0.0 and v != first)
         ]
 
     def same_run(self, other: dict, vectors: bool = True) -> bool:
         keys = ("model_hash", "first_row", "num_rows", "alphas", "op", "scope")
+        if self.zero_once != other.get("zero_once", False):  # folders from before the field: plain evals
+            return False
         same_data = self.data["sha256"] == other.get("data", {}).get("sha256")
         return same_data and same_spec(self, other, keys, vectors)
 
@@ -82,11 +88,15 @@ def eval_ab(
     scope: str = "all",
     engine_kwargs: dict | None = None,
     progress: bool = True,
+    zero_once: bool = False,
+    check_only: bool = False,
 ) -> Path:
     """Score `data` (an A/B behaviour dataset, its records `rows` "START:STOP") at every vector x
     alpha (alpha 0 added when missing: the shifts are paired with it) into `out`; write
     choices.arrow, summary.arrow, report.md, p_match.png and manifest.json; return `out`. vectors: name ->
-    file (default: the happy - sad vector of `model`); engine_kwargs go to the engine."""
+    file (default: the happy - sad vector of `model`); engine_kwargs go to the engine; zero_once:
+    alpha 0 with the first vector only (every vector's shift pairs with it); check_only: refuse
+    what can be refused without the vector files' content, write nothing and return."""
     check_plugin_allowed()
     for name, value, allowed in (("op", op, OPS), ("scope", scope, SCOPES)):
         if value not in allowed:
@@ -101,20 +111,22 @@ def eval_ab(
     vectors = {n: Path(p) for n, p in (vectors or {}).items()}
     check_vectors_fit(model_dir, vectors)
     out = Path(out) if out is not None else Path("runs") / f"{model_dir.name}-{Path(data).stem}-eval-ab"
-    if not vectors:  # refuse a wrong folder before the default vector may be extracted
-        prepare_out(out, _spec(model_dir, data, selected, items, {}, alphas, op, scope), check_only=True)
+    spec_of = partial(_spec, model_dir, data, selected, items, alphas=alphas, op=op, scope=scope, zero_once=zero_once)
+    if not vectors or check_only:  # refuse a wrong folder before the default vector may be extracted
+        prepare_out(out, spec_of({}), check_only=True)
+        if check_only:
+            return out
         vectors = {DEFAULT_VECTOR_NAME: default_vector(model_dir)}
-    spec = _spec(model_dir, data, selected, items, vectors, alphas, op, scope)
+    spec = spec_of(vectors)
     manifest = prepare_out(out, spec)
     writer, done = ArrowStream.open(out / CHOICES, CHOICES_SCHEMA, resume=True)
     with writer:
         done_keys = row_keys(done, KEY)
+        by_row = {item.row: found for item, found in zip(items, sequences)}
         pairs = [
-            Pair(item.row, vector, alpha, both, start, steering(vector, alpha, op, scope))
-            for item, (both, start) in zip(items, sequences)
-            for vector in spec.vectors
-            for alpha in spec.alphas
-            if (item.row, vector, f32(alpha)) not in done_keys
+            Pair(row, vector, alpha, *by_row[row], steering(vector, alpha, op, scope))
+            for row, vector, alpha in spec.rows
+            if (row, vector, f32(alpha)) not in done_keys
         ]
         if pairs:
             kwargs = capture_defaults({"enable_prefix_caching": True, **(engine_kwargs or {})})
@@ -151,7 +163,7 @@ def _sequences(model_dir: Path, data: Path, items: list[ABItem], max_model_len: 
     return found
 
 
-def _spec(model_dir, data, selected, items, vectors, alphas, op, scope) -> EvalSpec:
+def _spec(model_dir, data, selected, items, vectors, *, alphas, op, scope, zero_once) -> EvalSpec:
     return EvalSpec(
         model=str(model_dir),
         model_hash=model_hash(model_dir),
@@ -162,4 +174,5 @@ def _spec(model_dir, data, selected, items, vectors, alphas, op, scope) -> EvalS
         alphas=alphas,
         op=op,
         scope=scope,
+        zero_once=zero_once,
     )

@@ -49,6 +49,7 @@ DEFAULT_VECTOR_NAME = "happy"  # the default vector's name in a run (jobs/extrac
 FLUSH_SECONDS = 2.0
 CALIBRATION = "calibration"  # the calibration folder of a run with --alphas auto (jobs/calibrate.py)
 SLICES = "slices"  # a sweep's vector slices, written before its run starts (jobs/sweep.py)
+AB_SCORES = "ab"  # an --ab sweep's eval-ab folder (jobs/sweep.py)
 
 
 @dataclass
@@ -142,7 +143,7 @@ def prepare_out(out: Path, spec, check_only: bool = False) -> dict | None:
                 "to replace it"
             )
         return existing
-    if out.exists() and {p.name for p in out.iterdir()} - {CALIBRATION, SLICES}:
+    if out.exists() and {p.name for p in out.iterdir()} - {CALIBRATION, SLICES, AB_SCORES}:
         raise SteerBatchError(f"{out} exists and is not a steer-batch run folder; choose another --out")
     if check_only:
         return None
@@ -361,7 +362,8 @@ def run(
     calibration: dict | None = None,
     zero_once: bool = False,
     progress: bool = True,
-) -> RunResult:
+    check_only: bool = False,
+) -> RunResult | None:
     """Generate from every prompt with every vector at every alpha in one engine, then classify
     and report.
 
@@ -378,7 +380,8 @@ def run(
     before); sample: use an evenly spaced sample of that many prompts; calibration: what chose
     the alphas (jobs/calibrate.py), recorded in the manifest; zero_once: alpha 0 with the first
     vector only (a sweep's slices share one unsteered row per prompt). Bad input fails before any
-    engine starts, writing nothing.
+    engine starts, writing nothing; `check_only`: refuse what can be refused without the vector
+    files' content (a sweep, before it writes its slices), then return None.
     """
     start = time.perf_counter()
     inputs = _check_inputs(model, vectors, alphas, prompts, op, scope, sample)  # before anything is written
@@ -386,6 +389,9 @@ def run(
     out = Path(out) if out is not None else _default_out(inputs.model_dir, vectors, inputs.alphas)
     engine_kwargs = _engine_kwargs(enforce_eager, tensor_parallel_size, pipeline_parallel_size)
     spec_of = partial(_spec, inputs, sampling or Sampling(), op, scope, sample, zero_once=zero_once)
+    if check_only:
+        prepare_out(out, spec_of({}), check_only=True)
+        return None
     with SharedEngine() as shared:  # one engine for extraction, generation and classification's nll pass
         vectors, start_engine = _vectors_and_engine(
             inputs, vectors, out, spec_of, engine_kwargs, shared, ray, two_engines

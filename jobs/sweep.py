@@ -2,16 +2,21 @@
 
 Each layer set is the vector restricted to those layers (vectors/slices.py), saved as a slice
 `NAME@LABEL` into OUT/slices/; one `run` generates every prompt x slice x alpha in one engine
-(alpha 0, unsteered, once per prompt: every slice shares it), classifies and reports. Per cell
-(layer set, alpha): the effect, the paired shift of p_target from alpha 0 on the same prompts,
-and the coherence cost, the nll increase, each with a 95% paired bootstrap interval
-(jobs/calibrate.py's effect_rows). The recommended cell: the largest effect toward the target
-whose nll increase stays within the budget; and the best such cell of each layer set.
+(alpha 0, unsteered, once per prompt: every slice shares it), classifies and scores it. Per cell
+(layer set, alpha), each with a 95% paired bootstrap interval:
 
-Files in OUT, beside the run's own: sweep.arrow (one row per cell), sweep.json (the
-recommendation), sweep.png (effect and nll increase as layer sets x alpha heatmaps, the
-recommended cell marked), sweep.md. The same command resumes; a changed budget or target
-recomputes the table without generating.
+- the effect: with a sentiment target, the paired shift of p_target from alpha 0 on the same
+  prompts (eval/effects.py, the table `calibrate` makes for one layer set); with `ab` (an A/B
+  behaviour file), the paired shift of p_match (of 1 - p_match for the target "not_match"),
+  scored as `eval-ab` scores it into OUT/ab in one prefill pass of a second engine;
+- the coherence cost: the nll increase of the generated text under the unsteered model.
+
+The recommended cell: the largest effect toward the target whose nll increase stays within the
+budget; and the best such cell of each layer set. Files in OUT, beside the run's own:
+sweep.arrow (one row per cell), sweep.json (the recommendation), sweep.png (effect and nll
+increase as layer sets x alpha heatmaps, the recommended cell boxed), sweep.md. Every input,
+the folder and the engine's bank are checked before anything is written; the same command
+resumes; a changed budget or target recomputes the table without generating.
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
+from steer_batch.engine.config import MAX_BANK_ROWS
 from steer_batch.errors import SteerBatchError
-from steer_batch.eval.arrow_stream import read_table, write_table
-from steer_batch.eval.runfiles import SENTIMENT, require
-from steer_batch.jobs.calibrate import DEFAULT_MAX_NLL_INCREASE, DEFAULT_SAMPLE, TARGETS, effect_rows
+from steer_batch.eval.arrow_stream import write_table
+from steer_batch.eval.choices import summarize
+from steer_batch.eval.effects import AB_TARGETS, DEFAULT_MAX_NLL_INCREASE, TARGETS, cells, check_budget
+from steer_batch.eval.runfiles import MANIFEST
+from steer_batch.jobs.calibrate import DEFAULT_SAMPLE
+from steer_batch.jobs.eval_ab import eval_ab
 from steer_batch.jobs.extract import default_vector
 from steer_batch.jobs.models import resolve_model
-from steer_batch.jobs.run import DEFAULT_VECTOR_NAME, SLICES, run
+from steer_batch.jobs.run import AB_SCORES, DEFAULT_VECTOR_NAME, SLICES, run
 from steer_batch.vectors.slices import layer_sets, slice_name
 from steer_batch.vectors.vector import SteeringVector
 
@@ -39,34 +49,62 @@ SWEEP_FIGURE = "sweep.png"
 SWEEP_REPORT = "sweep.md"
 
 
-def slices(vector_name: str, vector_path: Path, sets: list[list[int]], folder: Path) -> dict[str, Path]:
-    """Write each layer set's slice of the vector into `folder`; name -> file, in set order."""
-    vector = SteeringVector.load(vector_path)
+def check_bank(count: int) -> None:
+    """Refuse a grid whose slices do not fit one engine's vector bank (a bank row per slice)."""
+    if count > MAX_BANK_ROWS:
+        raise SteerBatchError(
+            f"{count} layer sets need {count} bank rows (one per slice); an engine holds at most {MAX_BANK_ROWS}: "
+            "sweep fewer sets (a larger --window or --stride, or fewer --layers ranges)",
+            param="layers",
+        )
+
+
+def slices(vector: SteeringVector, name: str, sets: list[list[int]], folder: Path) -> dict[str, Path]:
+    """Each layer set's slice of `vector`, name -> file in `folder`, in set order; a file already
+    there (a resumed sweep) must hold the same slice."""
+    files = {slice_name(name, layers): layers for layers in sets}
+    for label, layers in files.items():
+        path = folder / f"{label}.safetensors"
+        if path.is_file() and not _same(SteeringVector.load(path), vector.restricted(layers)):
+            raise SteerBatchError(
+                f"{path} is a slice of another vector; choose another --out, or delete that folder to replace it",
+                param="vector",
+            )
     folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for layers in sets:
-        name = slice_name(vector_name, layers)
-        files[name] = folder / f"{name}.safetensors"
-        if not files[name].is_file():
-            vector.restricted(layers).save(files[name])
-    return files
+    for label, layers in files.items():
+        if not (folder / f"{label}.safetensors").is_file():
+            vector.restricted(layers).save(folder / f"{label}.safetensors")
+    return {label: folder / f"{label}.safetensors" for label in files}
+
+
+def _same(a: SteeringVector, b: SteeringVector) -> bool:
+    return a.directions.keys() == b.directions.keys() and all(
+        torch.equal(a.directions[i], b.directions[i]) for i in a.directions
+    )
 
 
 def sweep_table(out: Path, target: str, max_nll_increase: float) -> tuple[pa.Table, dict]:
-    """(one row per cell, the recommendation) from a classified sweep folder."""
-    if target not in TARGETS:
-        raise SteerBatchError(f"target={target!r}; allowed: {list(TARGETS)}", param="target")
-    rows = read_table(require(out, SENTIMENT, f"classify it with `steer-batch classify {out}`")).to_pylist()
-    by_slice: dict[str, dict[float, dict[int, dict]]] = {}
-    for r in rows:
-        by_slice.setdefault(r["vector"], {}).setdefault(float(r["alpha"]), {})[r["prompt_id"]] = r
-    base = next((cells[0.0] for cells in by_slice.values() if 0.0 in cells), None)
-    if base is None:
-        raise SteerBatchError(f"{out} has no alpha 0 to compare with", param="alphas")
+    """(one row per cell, the recommendation) from a classified sweep folder; a target among
+    AB_TARGETS reads the effect from the folder's eval-ab scores (OUT/ab)."""
+    ab = target in AB_TARGETS
+    check_budget(target, max_nll_increase, TARGETS + AB_TARGETS)
+    costs = cells(out, "positive" if ab else target)
+    shifts = {}
+    if ab:
+        for r in summarize(out / AB_SCORES).to_pylist():
+            sign = 1.0 if target == "match" else -1.0
+            lo, hi = sorted((sign * r["shift_lo"], sign * r["shift_hi"]))
+            shifts[(r["vector"], r["alpha"])] = {
+                "n": r["n"], "p_match": r["p_match"], "effect": sign * r["shift"], "effect_lo": lo, "effect_hi": hi,
+            }  # fmt: skip
     table = []
-    for name, by_alpha in by_slice.items():
-        steered = {a: part for a, part in by_alpha.items() if a != 0.0}
-        for row in effect_rows(steered, base, target):
+    for name, rows in costs.items():
+        for row in rows:
+            if row["alpha"] == 0.0:
+                continue
+            if ab:
+                row = {k: v for k, v in row.items() if not k.startswith(("effect", "p_"))}
+                row = {**shifts[(name, row["alpha"])], "n_generated": row.pop("n"), **row}
             table.append({"layers": name.partition("@")[2], "vector": name, **row})
     within = [r for r in table if r["nll_increase"] <= max_nll_increase and math.isfinite(r["effect"])]
     best = max(within, key=lambda r: r["effect"], default=None)
@@ -157,46 +195,81 @@ def sweep(
     layers: str | None = None,
     window: int | None = None,
     stride: int | None = None,
-    alphas: list[float] = (-8.0, -4.0, 0.0, 4.0, 8.0),
+    alphas: list[float] = (-8.0, -4.0, 4.0, 8.0),
+    ab: Path | None = None,
+    rows: str | None = None,
     sample: int = DEFAULT_SAMPLE,
     max_nll_increase: float = DEFAULT_MAX_NLL_INCREASE,
-    target: str = "positive",
+    target: str | None = None,
     classifier: str | None = None,
     prompts: Path | None = None,
     **run_kwargs,
 ) -> dict:
     """Sweep `vector` (name -> file; default: the model's happy - sad vector) over its layer sets
     (`layers`: "each", ranges like "8-11,12-15", or windows of `window` moved by `stride`;
-    default windows of 4) at every alpha (0 added) on `sample` prompts into `out`; write and return
-    sweep.json's content. `run_kwargs` go to jobs.run.run."""
-    if target not in TARGETS:
-        raise SteerBatchError(f"target={target!r}; allowed: {list(TARGETS)}", param="target")
-    if not (max_nll_increase > 0 and math.isfinite(max_nll_increase)):
-        raise SteerBatchError(
-            f"max_nll_increase={max_nll_increase}; give a positive number of nats", param="max_nll_increase"
-        )
+    default windows of 4) at every alpha (0 added) into `out`; write and return sweep.json's
+    content. The effect: on the target class of `sample` generations (target default
+    "positive"), or with `ab` on that A/B file's records `rows` "START:STOP" (target "match" or
+    "not_match", default "match"; the `sample` generations then give the nll cost only).
+    `run_kwargs` go to jobs.run.run (sampling, op, scope, enforce_eager, progress)."""
+    target = target or ("match" if ab is not None else "positive")
+    check_budget(target, max_nll_increase, AB_TARGETS if ab is not None else TARGETS)
     if vector is not None and len(vector) != 1:
         raise SteerBatchError(f"sweep one vector at a time, got {len(vector)}", param="vector")
+    if rows is not None and ab is None:
+        raise SteerBatchError("rows select records of an A/B file: give --ab FILE with --rows", param="rows")
     out = Path(out)
+    alphas = sorted({*map(float, alphas), 0.0})
+    grid = dict(model=model, alphas=alphas, zero_once=True)
+    ab_kwargs = dict(
+        rows=rows,
+        op=run_kwargs.get("op", "add"),
+        scope=run_kwargs.get("scope", "all"),
+        engine_kwargs={k: v for k, v in run_kwargs.items() if k == "enforce_eager" and v is not None},
+        progress=run_kwargs.get("progress", True),
+        **grid,
+    )
+
+    def check(vectors: dict | None) -> None:  # what the run and the scoring would refuse; writes nothing
+        run(out, vectors=vectors, prompts=prompts, sample=sample, check_only=True, **grid, **run_kwargs)
+        if ab is not None:
+            eval_ab(ab, out / AB_SCORES, vectors=vectors, check_only=True, **ab_kwargs)
+
+    check(vector)
     name, path = next(iter(vector.items())) if vector else (DEFAULT_VECTOR_NAME, None)
     path = Path(path) if path is not None else default_vector(resolve_model(model))
-    sets = layer_sets(layers, SteeringVector.load(path).layers, window, stride)
-    files = slices(name, path, sets, out / SLICES)
-    run(
-        out,
-        model=model,
-        vectors=files,
-        alphas=sorted({*alphas, 0.0}),
-        prompts=prompts,
-        sample=sample,
-        classifier=classifier,
-        zero_once=True,
-        **run_kwargs,
-    )
+    full = SteeringVector.load(path)
+    sets = layer_sets(layers, full.layers, window, stride)
+    check_bank(len(sets))
+    names = [slice_name(name, s) for s in sets]
+    if (out / MANIFEST).is_file():
+        before = list(json.loads((out / MANIFEST).read_text())["spec"]["vectors"])
+        if before != names:
+            raise SteerBatchError(
+                f"{out} holds a sweep of other layer sets ({', '.join(before)}); choose another --out, or delete "
+                "that folder to replace it",
+                param="layers",
+            )
+    files = slices(full, name, sets, out / SLICES)
+    result = run(out, vectors=files, prompts=prompts, sample=sample, classifier=classifier, **grid, **run_kwargs)
+    if ab is not None:
+        eval_ab(ab, out / AB_SCORES, vectors=files, **ab_kwargs)
     table, recommendation = sweep_table(out, target, max_nll_increase)
+    spec = result.manifest["spec"]
+    recommendation.update(
+        vector={"name": name, "path": str(path.resolve())},
+        layer_sets=[s.partition("@")[2] for s in names],
+        alphas=alphas,
+        model=spec["model"],
+        sample=spec["num_prompts"],
+        ab=None if ab is None else json.loads((out / AB_SCORES / MANIFEST).read_text())["spec"]["data"],
+        classifier=result.classifier,
+        folder=str(out),
+    )
     write_table(out / SWEEP_ARROW, table)
-    (out / SWEEP_JSON).write_text(json.dumps(recommendation, indent=2))
-    title = f"{name}, {len(sets)} layer sets x {len(table) // max(len(sets), 1)} alphas, {sample} prompts"
+    (out / SWEEP_JSON).write_text(json.dumps(recommendation, indent=2) + "\n")
+    task = f"{Path(ab).name} rows {recommendation['ab']['rows']}" if ab is not None else f"{sample} prompts"
+    title = f"{Path(spec['model']).name}, {name}: {len(sets)} layer sets x {len(alphas) - 1} alphas, {task}"
     plot(table, recommendation, out / SWEEP_FIGURE, title)
     write_report(table, recommendation, out / SWEEP_REPORT, title)
     return recommendation

@@ -321,3 +321,25 @@ def kernel_reference(x, res, w, p, q, r, vid, V, U):
 
 def rel_err(got, want):
     return float((got.double() - want).abs().max() / want.abs().max())
+
+
+# A word-level vocabulary holding VADER's positive and negative words among neutral fillers: a
+# direction along the output rows of the positive words minus the negative ones makes +alpha
+# write positive words (the calibrate and sweep tests' planted model).
+POSITIVE = ["good", "great", "happy", "love", "wonderful", "excellent", "nice", "joy"]
+NEGATIVE = ["bad", "awful", "sad", "hate", "terrible", "horrible", "ugly", "pain"]
+
+
+def word_tokenizer(folder: Path) -> dict[str, int]:
+    """Save that vocabulary's tokenizer into `folder`; word -> id."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", *POSITIVE, *NEGATIVE]
+    words += [f"w{i}" for i in range(VOCAB - len(words))]  # neutral fillers: every id decodes
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        folder
+    )
+    return {w: i for i, w in enumerate(words)}

@@ -194,3 +194,53 @@ def test_extract_from_files_equals_the_hf_capture_and_an_ab_vector_moves_p_match
     assert (folder / "choices.arrow").read_bytes() == before
     other = runner.invoke(main, [*args, "--alphas", "-2,2", "--rows", "24:", "--out", str(folder)])
     assert other.exit_code == 1 and "holds another run" in other.output
+
+
+def test_an_ab_sweep_finds_the_planted_layer_and_scores_as_eval_ab(tmp_path):
+    """`sweep --ab` on the planted A/B model with a vector that raises "(A)" at the last layer
+    only (the other layers carry directions a million times smaller): the last layer's cell is
+    recommended at the positive alpha, the others show no effect, alpha 0 is scored once per
+    question, and a cell's p_match equals a separate eval-ab with that slice."""
+    from transformers import AutoTokenizer
+
+    model_dir = _tied_model(tmp_path / "model", plant=True)
+    ab, _ = _data(tmp_path)
+    vocab = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    embed = load_hf(model_dir).get_input_embeddings().weight.detach()
+    g = torch.Generator().manual_seed(0)
+    directions = {i: torch.randn(embed.shape[1], generator=g) * 1e-6 for i in range(LAYERS - 1)}
+    directions[LAYERS - 1] = embed[vocab["(A)"]] - embed[vocab["(B)"]]
+    SteeringVector(directions, LAYERS).save(tmp_path / "v.safetensors")
+    (tmp_path / "prompts.json").write_text(json.dumps(["I think", "The day", "We went", "It is"]))
+    out = tmp_path / "sweep"
+    common = ["--model", str(model_dir), "--vector", f"v={tmp_path / 'v.safetensors'}"]
+    result = CliRunner().invoke(
+        main,
+        ["sweep", *common, "--ab", str(ab), "--rows", "24:", "--layers", "each", "--alphas", "-1,1",
+         "--prompts", str(tmp_path / "prompts.json"), "--sample", "4", "--max-tokens", "4", "--classifier", "vader",
+         "--max-nll-increase", "100", "--out", str(out)],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    recommendation = json.loads((out / "sweep.json").read_text())
+    assert recommendation["recommended"]["layers"] == str(LAYERS - 1) and recommendation["recommended"]["alpha"] == 1
+    assert recommendation["ab"]["rows"] == "24:" and recommendation["target"] == "match"
+    cells = {(c["layers"], c["alpha"]): c for c in read_table(out / "sweep.arrow").to_pylist()}
+    assert len(cells) == LAYERS * 2 and all(c["n"] == 8 and c["n_generated"] == 4 for c in cells.values())
+    assert cells[(str(LAYERS - 1), 1.0)]["effect"] > 0.05 and cells[(str(LAYERS - 1), -1.0)]["effect"] < -0.05
+    for (layers, _), cell in cells.items():
+        if layers != str(LAYERS - 1):
+            assert abs(cell["effect"]) < 1e-4, cell
+    choices = read_table(out / "ab" / "choices.arrow")
+    assert pc.sum(pc.equal(choices.column("alpha"), 0.0)).as_py() == 8  # alpha 0 once per question
+    # The last layer's cell again as a separate eval-ab with its slice.
+    name = f"v@{LAYERS - 1}"
+    alone = tmp_path / "alone"
+    slice_file = out / "slices" / f"{name}.safetensors"
+    args = ["eval-ab", str(ab), "--model", str(model_dir), "--vector", f"{name}={slice_file}"]
+    result = CliRunner().invoke(main, [*args, "--alphas", "1", "--rows", "24:", "--out", str(alone)])
+    assert result.exit_code == 0, result.output
+    want = {(r["row"], r["alpha"]): r["p_match"] for r in read_table(alone / "choices.arrow").to_pylist()}
+    got = {(r["row"], 1.0): r["p_match"] for r in choices.to_pylist() if r["vector"] == name and r["alpha"] == 1}
+    got.update({(r["row"], 0.0): r["p_match"] for r in choices.to_pylist() if r["alpha"] == 0.0})
+    assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in want)

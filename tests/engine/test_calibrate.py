@@ -11,35 +11,19 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import LAYERS, VOCAB, load_hf, make_model
+from helpers import LAYERS, NEGATIVE, POSITIVE, VOCAB, load_hf, make_model, word_tokenizer
 from steer_batch import SteeringVector
 from steer_batch.cli import main
 from steer_batch.eval.arrow_stream import read_table
 
-POSITIVE = ["good", "great", "happy", "love", "wonderful", "excellent", "nice", "joy"]
-NEGATIVE = ["bad", "awful", "sad", "hate", "terrible", "horrible", "ugly", "pain"]
 ALPHAS = "-6:6:9"  # -6, -4.5, ..., 6
-
-
-def _word_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<unk>", "<s>", "</s>", *POSITIVE, *NEGATIVE]
-    words += [f"w{i}" for i in range(VOCAB - len(words))]  # neutral fillers: every id decodes
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
-        folder
-    )
-    return {w: i for i, w in enumerate(words)}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calibrate")
     model_dir = make_model("llama", folder / "model", seed=3)
-    ids = _word_tokenizer(model_dir)
+    ids = word_tokenizer(model_dir)
     model = load_hf(model_dir)
     head = model.get_output_embeddings().weight.detach()
     direction = head[[ids[w] for w in POSITIVE]].mean(0) - head[[ids[w] for w in NEGATIVE]].mean(0)

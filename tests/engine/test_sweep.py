@@ -2,17 +2,17 @@
 calibrate test's word-level model: the last layer's direction writes VADER's positive words;
 the other layers carry directions a million times smaller than their states): the sweep over
 each layer recommends the planted layer, the other layers' cells show no effect at all (their
-greedy tokens are the unsteered ones), and a cell's rows equal a separate `run` with that slice,
-token for token."""
+greedy tokens are the unsteered ones), a cell's rows equal a separate `run` with that slice,
+token for token, and other layer sets in the same folder are refused before anything is written.
+The --ab task is tested in test_behaviour.py, on its A/B model."""
 
 import json
 
 import pyarrow.compute as pc
 import torch
 from click.testing import CliRunner
-from test_calibrate import NEGATIVE, POSITIVE, _word_tokenizer
 
-from helpers import LAYERS, VOCAB, load_hf, make_model
+from helpers import LAYERS, NEGATIVE, POSITIVE, VOCAB, load_hf, make_model, word_tokenizer
 from steer_batch import SteeringVector
 from steer_batch.cli import main
 from steer_batch.eval.arrow_stream import read_table
@@ -20,7 +20,7 @@ from steer_batch.eval.arrow_stream import read_table
 
 def test_sweep_finds_the_planted_layer_and_its_cells_equal_separate_runs(tmp_path):
     model_dir = make_model("llama", tmp_path / "model", seed=3)
-    ids = _word_tokenizer(model_dir)
+    ids = word_tokenizer(model_dir)
     model = load_hf(model_dir)
     head = model.get_output_embeddings().weight.detach()
     planted = head[[ids[w] for w in POSITIVE]].mean(0) - head[[ids[w] for w in NEGATIVE]].mean(0)
@@ -50,6 +50,14 @@ def test_sweep_finds_the_planted_layer_and_its_cells_equal_separate_runs(tmp_pat
     for cell in cells:
         if cell["layers"] != str(LAYERS - 1):
             assert cell["effect"] == 0.0 and cell["nll_increase"] == 0.0, cell
+    # Other layer sets in the same folder: refused before anything is written.
+    slices_before = sorted(p.name for p in (out / "slices").iterdir())
+    again = CliRunner().invoke(
+        main, ["sweep", "--vector", f"v={tmp_path / 'v.safetensors'}", "--layers", f"0-{LAYERS - 1}", "--alphas",
+               "-6,6", "--out", str(out), *common],
+    )  # fmt: skip
+    assert again.exit_code == 2 and "holds a sweep of other layer sets" in again.output, again.output
+    assert sorted(p.name for p in (out / "slices").iterdir()) == slices_before
     generations = read_table(out / "generations.arrow")
     assert pc.sum(pc.equal(generations.column("alpha"), 0.0)).as_py() == len(prompts)  # alpha 0 once
     # One cell again as a separate run with its slice: the same tokens, row for row.

@@ -737,6 +737,31 @@ def bench_seed_command(alphas, keep, evaluate):
         click.echo(f"{name:<42}{value:>10.1f}{ratios}")
 
 
+@main.command("bench-sweep")
+@_model_option
+@click.option("--num-prompts", default=32, show_default=True, type=click.IntRange(1), help="RepE beginnings per cell.")
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(1), help="Generated tokens per row.")
+@click.option("--window", default=3, show_default=True, type=click.IntRange(1), help="Layers per set.")
+@click.option("--alphas", default="-16,-8,0,8,16", show_default=True, help="The grid's alphas.")
+@click.option("--compile", "compiled", is_flag=True, help="Compiled engines (default eager, as run does on CPU).")
+@_verbose
+def bench_sweep_command(model, num_prompts, max_tokens, window, alphas, compiled):
+    """A layers x alpha grid of the happy - sad vector as `sweep` generates it (one engine, one batched pass)
+    against every cell as a separate run (an engine each): wall seconds and the ratio."""
+    from steer_batch.jobs.bench import SWEEP_ONE, SWEEP_SEPARATE, bench_sweep
+    from steer_batch.jobs.run import parse_alphas
+
+    r = bench_sweep(model, num_prompts, max_tokens, window, tuple(parse_alphas(alphas)), eager=not compiled)
+    click.echo(
+        f"model {r['model']}  {r['layer_sets']} layer sets x {len(r['alphas'])} alphas = {r['cells']} cells  "
+        f"{num_prompts} prompts  {max_tokens} tokens  {'eager' if r['eager'] else 'compiled'}"
+    )
+    click.echo(f"{'':<30}{'engines':>8}{'rows':>7}{'seconds':>10}")
+    for name, engines in ((SWEEP_ONE, 1), (SWEEP_SEPARATE, r["cells"])):
+        click.echo(f"{name:<30}{engines:>8}{r['rows'][name]:>7}{r['seconds'][name]:>10.1f}")
+    click.echo(f"separate runs / sweep: {r['ratio']:.2f}x the time")
+
+
 @main.command("bench-extract")
 @_model_option
 @click.option("--method", type=click.Choice(METHODS), default="mean_diff", show_default=True)

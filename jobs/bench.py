@@ -34,10 +34,12 @@ from steer_batch.engine import hooks
 from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST, engine_config, file_sha256, steering
 from steer_batch.eval.arrow_stream import ArrowStream
 from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, Pair, score
-from steer_batch.jobs.extract import extract
+from steer_batch.jobs.extract import default_vector, extract
 from steer_batch.jobs.models import cache_dir, default_model_dir, model_hash, resolve_model
-from steer_batch.jobs.run import RunSpec, Sampling, generate
+from steer_batch.jobs.run import RunSpec, Sampling, evenly_spaced, generate
+from steer_batch.jobs.sweep import slices
 from steer_batch.vectors.datasets import ABItem, ab_sequences
+from steer_batch.vectors.slices import layer_sets
 from steer_batch.vectors.vector import SteeringVector
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
@@ -288,6 +290,56 @@ def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_token
             seconds[name] = time.perf_counter() - start
             _log(f"{name}: {seconds[name]:.1f} s")
     return seconds
+
+
+SWEEP_ONE, SWEEP_SEPARATE = "sweep, one engine", "separate runs, one per cell"
+
+
+def bench_sweep(
+    model: str | Path | None = None, num_prompts: int = 32, max_tokens: int = 32, window: int = 3,
+    alphas: tuple[float, ...] = (-16.0, -8.0, 0.0, 8.0, 16.0), eager: bool = True,
+) -> dict:  # fmt: skip
+    """Wall seconds (engine start-up included, generation only) of a layers x alpha grid of the
+    model's happy - sad vector (windows of `window` of its layers, every alpha) on `num_prompts`
+    RepE beginnings: as `sweep` generates it (every slice in one engine's bank, one batched pass,
+    alpha 0 once), then every cell as a separate run (its slice at its alpha, an engine each)."""
+    model_dir = resolve_model(model)
+    prompts = evenly_spaced(sentence_beginnings(), num_prompts)
+    vector = SteeringVector.load(default_vector(model_dir))
+    sets = layer_sets(None, vector.layers, window)
+    result = {"model": str(model_dir), "prompts": num_prompts, "max_tokens": max_tokens, "eager": eager}
+    result.update(layer_sets=len(sets), alphas=list(alphas), cells=len(sets) * len(alphas), seconds={}, rows={})
+    with tempfile.TemporaryDirectory() as tmp:
+        files = slices(vector, "happy", sets, Path(tmp) / "slices")
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps(prompts))
+
+        def spec(vectors: dict[str, Path], cell_alphas: list[float], zero_once: bool) -> RunSpec:
+            return RunSpec(
+                model=str(model_dir),
+                model_hash=model_hash(model_dir),
+                vectors={n: {"path": str(f), "sha256": file_sha256(f)} for n, f in vectors.items()},
+                alphas=cell_alphas,
+                prompts_file=str(prompts_file),
+                prompts_sha256=file_sha256(prompts_file),
+                num_prompts=num_prompts,
+                sampling=Sampling(max_tokens=max_tokens),
+                zero_once=zero_once,
+            )
+
+        cells = [({name: file}, [alpha]) for name, file in files.items() for alpha in alphas]
+        for name, jobs in ((SWEEP_ONE, [(files, list(alphas))]), (SWEEP_SEPARATE, cells)):
+            start, rows = time.perf_counter(), 0
+            for k, (vectors, cell_alphas) in enumerate(jobs):
+                manifest = generate(
+                    Path(tmp) / f"{name[:5]}{k}", spec(vectors, cell_alphas, len(vectors) > 1), prompts,
+                    {"enforce_eager": eager}, False,
+                )  # fmt: skip
+                rows += manifest["rows"]
+            result["seconds"][name], result["rows"][name] = time.perf_counter() - start, rows
+            _log(f"{name}: {len(jobs)} engine start(s), {rows} rows, {result['seconds'][name]:.1f} s")
+    result["ratio"] = result["seconds"][SWEEP_SEPARATE] / result["seconds"][SWEEP_ONE]
+    return result
 
 
 PREVIOUS = "previous: two engines, compiled"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def sweep_table(out: Path, target: str, max_nll_increase: float) -> tuple[pa.Tab
                 "n": r["n"], "p_match": r["p_match"], "effect": sign * r["shift"], "effect_lo": lo, "effect_hi": hi,
             }  # fmt: skip
     table = []
-    for name, rows in costs.items():
+    for name, rows in sorted(costs.items(), key=lambda item: _layer_order(item[0])):
         for row in rows:
             if row["alpha"] == 0.0:
                 continue
@@ -122,10 +123,16 @@ def sweep_table(out: Path, target: str, max_nll_increase: float) -> tuple[pa.Tab
     return pa.Table.from_pylist(table), recommendation
 
 
+def _layer_order(name: str) -> list[int]:
+    """A slice's layers as numbers (`v@8-11` -> [8, 11], `v@3_5_7` -> [3, 5, 7]): sets by depth."""
+    return [int(x) for x in re.split(r"[-_]", name.partition("@")[2]) if x.isdigit()]
+
+
 def plot(table: pa.Table, recommendation: dict, path: Path, title: str) -> None:
     """Effect and nll increase as layer sets x alpha heatmaps side by side, the recommended cell
     marked."""
-    import matplotlib  # only here, as in eval/report.py: cli.py imports this module as it starts
+    # matplotlib loads only when a figure is drawn: jobs/bench.py imports this module for its slices.
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,7 +151,8 @@ def plot(table: pa.Table, recommendation: dict, path: Path, title: str) -> None:
         limit = np.nanmax(np.abs(grid)) if np.isfinite(grid).any() else 1.0
         image = ax.imshow(grid, cmap=cmap, aspect="auto", vmin=-limit if name == "effect" else 0, vmax=limit or 1.0)
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=7)
+            dark = abs(value) > 0.6 * (limit or 1.0)
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
         ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
         ax.set_yticks(range(len(sets)), sets)
         ax.set_xlabel("alpha")

@@ -14,13 +14,21 @@ STEER = [None, ("a", 0.0), ("a", 1.0), ("a", -1.5), ("a", 2.5), ("b", -2.0)] * 4
 
 
 # "fused": the steering add folded into the next layer's RMSNorm (the GPU default), run here
-# through the same custom op's CPU implementation.
-MODES = [(f, mode) for f in FAMILIES for mode in ("eager", "compiled")] + [
-    ("llama", "fused-eager"),
-    ("llama", "fused-compiled"),
-    ("qwen3", "fused-compiled"),
-    ("gemma2", "fused-eager"),
-]
+# through the same custom op's CPU implementation. Every family eager; compiled, every family
+# whose model code is its own: vLLM's Mistral is its Llama (MistralModel(LlamaModel), layers
+# subclassing LlamaDecoderLayer), and Qwen3's model is Qwen2's (Qwen3Model(Qwen2Model)), so
+# llama-compiled and qwen3-compiled compile those graphs.
+COMPILED = ["llama", "qwen3", "gemma2", "gemma3"]
+MODES = (
+    [(f, "eager") for f in FAMILIES]
+    + [(f, "compiled") for f in COMPILED]
+    + [
+        ("llama", "fused-eager"),
+        ("llama", "fused-compiled"),
+        ("qwen3", "fused-compiled"),
+        ("gemma2", "fused-eager"),
+    ]
+)
 
 
 @pytest.fixture(scope="module", params=MODES, ids=lambda p: f"{p[0]}-{p[1]}")

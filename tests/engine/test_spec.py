@@ -90,8 +90,7 @@ def requests():
 MODES = [
     ("llama", "eager"),
     ("llama", "compiled"),
-    ("qwen2", "eager"),
-    ("qwen2", "compiled"),
+    ("qwen2", "eager"),  # compiled, Qwen2's model code runs in test_engine_fidelity's qwen3-compiled
     ("llama", "fused-compiled"),
 ]
 

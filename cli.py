@@ -659,16 +659,22 @@ def eval_ab(data, model, vectors, alphas, rows, op, scope, out):
     help="max_vectors_per_request of the engines that time unsteered requests and 256 alphas (one engine each).",
 )
 @click.option(
+    "--only",
+    default=None,
+    help="Only these comma-separated configurations (unsteered and stock always; no eval-ab block), "
+    "e.g. '256 alphas' to time the issue's goals with more rounds.",
+)
+@click.option(
     "--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the figures as JSON."
 )
 @click.option(
     "--ray", "use_ray", is_flag=True, help="Instead: one run's generation in one engine vs Ray Data, 1 and 2 replicas."
 )
 @_verbose
-def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slots, json_out, use_ray):
+def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slots, only, json_out, use_ray):
     """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks (or, with --ray,
     the generation step in one engine vs Ray Data LLM replicas)."""
-    from steer_batch.jobs.bench import AB_STEERED, AB_STOCK, bench, bench_ray
+    from steer_batch.jobs.bench import AB_STEERED, AB_STOCK, bench, bench_ray, paired_ratios
 
     if use_ray:
         seconds = bench_ray(model, num_prompts, max_tokens, eager=eager)
@@ -686,18 +692,25 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot
         raise click.BadParameter(f"{slots!r}: expected integers like 1,2,4", param_hint="--slots") from None
     if not all(1 <= k <= 64 for k in slot_counts):
         raise click.BadParameter(f"{slots!r}: each slot count must be 1 to 64", param_hint="--slots")
-    results = bench(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot_counts)
+    chosen = tuple(name.strip() for name in only.split(",")) if only else None
+    results, rounds_tok_s = bench(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot_counts, chosen)
     base, stock_base = results["unsteered"], results.get("stock vLLM")
+    paired = paired_ratios(rounds_tok_s, "stock vLLM") if stock_base else {}
     click.echo(
         f"model {model or 'default'}  prompts {num_prompts}  max_tokens {max_tokens}  "
         f"{'eager' if eager else 'compiled'}  "
         f"all layers steered  best of {rounds} rounds"
     )
-    click.echo(f"{'configuration':<28}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}")
+    header = f"{'configuration':<28}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}"
+    click.echo(header + (f"{'per round vs stock: median [min, max]':>40}" if paired else ""))
     for name, value in results.items():
         if name not in (AB_STEERED, AB_STOCK):
             vs_stock = f"{value / stock_base:>10.3f}" if stock_base else ""
-            click.echo(f"{name:<28}{value:>10.1f}{value / base:>14.3f}{vs_stock}")
+            median = ""
+            if name in paired:
+                m, lo, hi = paired[name]
+                median = f"{f'{m:.3f} [{lo:.3f}, {hi:.3f}]':>40}"
+            click.echo(f"{name:<28}{value:>10.1f}{value / base:>14.3f}{vs_stock}{median}")
     if "256 alphas" in results:
         click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")
     if AB_STOCK in results:
@@ -707,7 +720,15 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot
     if json_out:
         json_out.write_text(
             json.dumps(
-                {"model": model, "num_prompts": num_prompts, "max_tokens": max_tokens, "tok_s": results}, indent=2
+                {
+                    "model": model,
+                    "num_prompts": num_prompts,
+                    "max_tokens": max_tokens,
+                    "tok_s": results,
+                    "rounds": rounds_tok_s,
+                    "per_round_vs_stock": paired,
+                },
+                indent=2,
             )
         )
 

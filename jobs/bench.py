@@ -32,6 +32,7 @@ from steer_batch.data import sentence_beginnings
 from steer_batch.driver.launch import close_llm, make_llm, on_cpu
 from steer_batch.engine import hooks
 from steer_batch.engine.config import DEFAULT_MAX_VECTORS_PER_REQUEST, engine_config, file_sha256, steering
+from steer_batch.errors import SteerBatchError
 from steer_batch.eval.arrow_stream import ArrowStream
 from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, Pair, score
 from steer_batch.jobs.extract import default_vector, extract
@@ -159,16 +160,23 @@ def bench(
     hf: bool = True,
     eager: bool = False,
     slots: tuple[int, ...] = (1, 2, 4),
-) -> dict[str, float]:
-    """tok/s of each configuration (best round) on one steering engine with the default
-    `max_vectors_per_request` (see the module doc), unsteered requests and 256 distinct alphas on
-    one more steering engine per other entry of `slots`, a stock engine, HF generate + hooks.
-    Progress on stderr."""
+    only: tuple[str, ...] | None = None,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(tok/s of each configuration, best round; every round's tok/s) on one steering engine
+    with the default `max_vectors_per_request` (see the module doc), unsteered requests and 256
+    distinct alphas on one more steering engine per other entry of `slots`, a stock engine, HF
+    generate + hooks. `only`: these generation configurations (and no eval-ab block). Progress
+    on stderr."""
     model_dir = resolve_model(model)
     beginnings = sentence_beginnings()
     prompts = [beginnings[i % len(beginnings)] for i in range(num_prompts)]
     vectors = {"v": random_vector(model_dir, seed=0), "w": random_vector(model_dir, seed=1)}
     configs = _configurations(num_prompts)
+    if only is not None:
+        unknown = sorted(set(only) - set(configs))
+        if unknown:
+            raise SteerBatchError(f"configurations {unknown}; allowed: {list(configs)}", param="only")
+        configs = {name: args for name, args in configs.items() if name in only or name == "unsteered"}
     others = [k for k in slots if k != DEFAULT_MAX_VECTORS_PER_REQUEST]
     engine_args = bench_engine_args(eager, engines=1 + len(others) + stock)
     tok_s: dict[str, list[float]] = {}
@@ -194,7 +202,7 @@ def bench(
                 engines["stock"] = make_llm(model_dir, **engine_args)
             runs += [("stock vLLM", engines["stock"], configs["unsteered"])] if stock else []
             timed = [(name, partial(vllm_tok_s, llm, prompts, args, max_tokens)) for name, llm, args in runs]
-            if stock:  # eval-ab: the same A/B sequences scored, steered at 64 alphas and by stock vLLM
+            if stock and only is None:  # eval-ab: the same A/B sequences scored, steered at 64 alphas and by stock
                 for name, llm, steered in ((AB_STEERED, engines["steer"], True), (AB_STOCK, engines["stock"], False)):
                     timed.append((name, partial(ab_tok_s, llm, _ab_pairs(model_dir, num_prompts, steered))))
             for _, llm, args in runs:  # warm-up
@@ -214,7 +222,18 @@ def bench(
         results["HF + hooks"] = _hf_tok_s(
             model_dir, vectors["v"], prompts, alphas, max_tokens, num_prompts, device, dtype
         )
-    return results
+    return results, tok_s
+
+
+def paired_ratios(rounds: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
+    """name -> (median, lowest, highest) over rounds of its tok/s divided by `base`'s in the same
+    round: a slow moment of the machine hits both sides of a round alike, so these spread less
+    than the best rounds' ratio can tell."""
+    ratios = {}
+    for name, values in rounds.items():
+        per_round = [v / b for v, b in zip(values, rounds[base])]
+        ratios[name] = (float(np.median(per_round)), min(per_round), max(per_round))
+    return ratios
 
 
 def bench_engine_args(eager: bool, engines: int) -> dict:

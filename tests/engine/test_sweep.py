@@ -2,9 +2,10 @@
 calibrate test's word-level model: the last layer's direction writes VADER's positive words;
 the other layers carry directions a million times smaller than their states): the sweep over
 each layer recommends the planted layer, the other layers' cells show no effect at all (their
-greedy tokens are the unsteered ones), a cell's rows equal a separate `run` with that slice,
-token for token, and other layer sets in the same folder are refused before anything is written.
-The --ab task is tested in test_behaviour.py, on its A/B model."""
+greedy tokens are the unsteered ones), every cell's rows equal a separate `run` with the slice
+files, token for token (the shared alpha-0 row equal to each slice's own), and other layer sets
+in the same folder are refused before anything is written. The --ab task is tested in
+test_behaviour.py, on its A/B model."""
 
 import json
 
@@ -60,18 +61,21 @@ def test_sweep_finds_the_planted_layer_and_its_cells_equal_separate_runs(tmp_pat
     assert sorted(p.name for p in (out / "slices").iterdir()) == slices_before
     generations = read_table(out / "generations.arrow")
     assert pc.sum(pc.equal(generations.column("alpha"), 0.0)).as_py() == len(prompts)  # alpha 0 once
-    # One cell again as a separate run with its slice: the same tokens, row for row.
+    # Every cell again in a separate plain run with the slice files (alpha 0 under each slice).
     single = tmp_path / "single"
-    name = f"v@{LAYERS - 1}"
+    names = [f"v@{i}" for i in range(LAYERS)]
+    vectors = [x for name in names for x in ("--vector", f"{name}={out / 'slices' / f'{name}.safetensors'}")]
     result = CliRunner().invoke(
         main,
-        ["run", "--vector", f"{name}={out / 'slices' / f'{name}.safetensors'}", "--alphas", "6", "--out", str(single),
-         "--no-eval", *common[:-3], "--enforce-eager"],
+        ["run", *vectors, "--alphas", "-6,0,6", "--out", str(single), "--no-eval", *common[:-3], "--enforce-eager"],
         catch_exceptions=False,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    alone = {r["prompt_id"]: r["token_ids"] for r in read_table(single / "generations.arrow").to_pylist()}
-    swept = {
-        r["prompt_id"]: r["token_ids"] for r in generations.to_pylist() if r["vector"] == name and r["alpha"] == 6.0
+    alone = {
+        (r["prompt_id"], r["vector"], r["alpha"]): r["token_ids"]
+        for r in read_table(single / "generations.arrow").to_pylist()
     }
-    assert swept == alone and len(alone) == len(prompts)
+    swept = {(r["prompt_id"], r["vector"], r["alpha"]): r["token_ids"] for r in generations.to_pylist()}
+    assert len(alone) == len(prompts) * LAYERS * 3 and len(swept) == len(prompts) * (LAYERS * 2 + 1)
+    for (prompt, name, alpha), tokens in alone.items():
+        assert swept[(prompt, name if alpha else names[0], alpha)] == tokens, (prompt, name, alpha)

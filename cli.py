@@ -129,6 +129,26 @@ _op_option = click.option(
 _scope_option = click.option(
     "--scope", type=click.Choice(SCOPES), default="all", show_default=True, help="Which tokens each request steers."
 )
+_one_vector_option = click.option(
+    "--vector",
+    "vectors",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="The steering vector, NAME=FILE or FILE (default: happy = the cached happy - sad vector for the model).",
+)
+_budget_option = click.option(
+    "--max-nll-increase",
+    default=DEFAULT_MAX_NLL_INCREASE,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Coherence budget: nats per token above alpha 0 under the unsteered model.",
+)
+_prompt_pool_option = click.option(
+    "--prompts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON list of prompt strings to sample from (default: the 581 RepE sentence beginnings).",
+)
 _model_option = click.option(
     "--model", default=None, help="HF model folder or hub id (default: the embedded SmolLM2-135M-Instruct)."
 )
@@ -361,13 +381,7 @@ def run(
 
 @main.command()
 @_model_option
-@click.option(
-    "--vector",
-    "vectors",
-    multiple=True,
-    metavar="NAME=FILE",
-    help="The steering vector, NAME=FILE or FILE (default: happy = the cached happy - sad vector for the model).",
-)
+@_one_vector_option
 @click.option(
     "--alphas",
     default=DEFAULT_ALPHAS,
@@ -377,21 +391,10 @@ def run(
 @click.option(
     "--sample", default=DEFAULT_SAMPLE, show_default=True, type=click.IntRange(1), help="Prompts, evenly spaced."
 )
-@click.option(
-    "--max-nll-increase",
-    default=DEFAULT_MAX_NLL_INCREASE,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    help="Coherence budget: nats per token above alpha 0 under the unsteered model.",
-)
+@_budget_option
 @click.option("--target", type=click.Choice(TARGETS), default="positive", show_default=True, help="The class to move.")
 @_classifier_option
-@click.option(
-    "--prompts",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="JSON list of prompt strings to sample from (default: the 581 RepE sentence beginnings).",
-)
+@_prompt_pool_option
 @_max_tokens_option
 @click.option(
     "--out",
@@ -449,13 +452,7 @@ def calibrate(
 
 @main.command()
 @_model_option
-@click.option(
-    "--vector",
-    "vectors",
-    multiple=True,
-    metavar="NAME=FILE",
-    help="The steering vector, NAME=FILE or FILE (default: happy = the cached happy - sad vector for the model).",
-)
+@_one_vector_option
 @click.option(
     "--layers",
     default=None,
@@ -482,13 +479,7 @@ def calibrate(
     type=click.IntRange(1),
     help="Prompts to generate from, evenly spaced (the effect with a sentiment target, the nll cost always).",
 )
-@click.option(
-    "--max-nll-increase",
-    default=DEFAULT_MAX_NLL_INCREASE,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    help="Coherence budget: nats per token above alpha 0 under the unsteered model.",
-)
+@_budget_option
 @click.option(
     "--target",
     type=click.Choice(TARGETS + AB_TARGETS),
@@ -496,12 +487,7 @@ def calibrate(
     help="What to move: a sentiment class (default positive), or with --ab match / not_match (default match).",
 )
 @_classifier_option
-@click.option(
-    "--prompts",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="JSON list of prompt strings to sample from (default: the 581 RepE sentence beginnings).",
-)
+@_prompt_pool_option
 @_max_tokens_option
 @click.option(
     "--out",
@@ -711,7 +697,7 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot
                 m, lo, hi = paired[name]
                 median = f"{f'{m:.3f} [{lo:.3f}, {hi:.3f}]':>40}"
             click.echo(f"{name:<28}{value:>10.1f}{value / base:>14.3f}{vs_stock}{median}")
-    if "256 alphas" in results:
+    if "256 alphas" in results and "1 alpha" in results:
         click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")
     if AB_STOCK in results:
         click.echo(f"{'eval-ab scoring':<28}{'tok/s':>10}{'vs stock':>14}")

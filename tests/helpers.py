@@ -343,3 +343,17 @@ def word_tokenizer(folder: Path) -> dict[str, int]:
         folder
     )
     return {w: i for i, w in enumerate(words)}
+
+
+def planted_word_model(folder: Path) -> tuple[Path, torch.Tensor]:
+    """(a tiny Llama in `folder` with word_tokenizer's vocabulary, the direction that makes it
+    write the positive words): the positive words' output rows minus the negative ones', scaled
+    to the mean norm of the last layer's states."""
+    model_dir = make_model("llama", folder, seed=3)
+    ids = word_tokenizer(model_dir)
+    model = load_hf(model_dir)
+    head = model.get_output_embeddings().weight.detach()
+    direction = head[[ids[w] for w in POSITIVE]].mean(0) - head[[ids[w] for w in NEGATIVE]].mean(0)
+    with torch.no_grad():
+        states = model(torch.randint(3, VOCAB, (1, 32)), output_hidden_states=True).hidden_states
+    return model_dir, direction / direction.norm() * states[LAYERS][0].norm(dim=-1).mean()

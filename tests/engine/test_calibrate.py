@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import LAYERS, NEGATIVE, POSITIVE, VOCAB, load_hf, make_model, word_tokenizer
+from helpers import LAYERS, planted_word_model
 from steer_batch import SteeringVector
 from steer_batch.cli import main
 from steer_batch.eval.arrow_stream import read_table
@@ -22,15 +22,8 @@ ALPHAS = "-6:6:9"  # -6, -4.5, ..., 6
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calibrate")
-    model_dir = make_model("llama", folder / "model", seed=3)
-    ids = word_tokenizer(model_dir)
-    model = load_hf(model_dir)
-    head = model.get_output_embeddings().weight.detach()
-    direction = head[[ids[w] for w in POSITIVE]].mean(0) - head[[ids[w] for w in NEGATIVE]].mean(0)
-    with torch.no_grad():
-        states = model(torch.randint(3, VOCAB, (1, 32)), output_hidden_states=True).hidden_states
+    model_dir, direction = planted_word_model(folder / "model")
     last = LAYERS - 1
-    direction = direction / direction.norm() * states[last + 1][0].norm(dim=-1).mean()
     SteeringVector({last: direction}, LAYERS, model=str(model_dir), method="planted", concept="positive words").save(
         folder / "planted.safetensors"
     )

@@ -13,23 +13,17 @@ import pyarrow.compute as pc
 import torch
 from click.testing import CliRunner
 
-from helpers import LAYERS, NEGATIVE, POSITIVE, VOCAB, load_hf, make_model, word_tokenizer
+from helpers import LAYERS, planted_word_model
 from steer_batch import SteeringVector
 from steer_batch.cli import main
 from steer_batch.eval.arrow_stream import read_table
 
 
 def test_sweep_finds_the_planted_layer_and_its_cells_equal_separate_runs(tmp_path):
-    model_dir = make_model("llama", tmp_path / "model", seed=3)
-    ids = word_tokenizer(model_dir)
-    model = load_hf(model_dir)
-    head = model.get_output_embeddings().weight.detach()
-    planted = head[[ids[w] for w in POSITIVE]].mean(0) - head[[ids[w] for w in NEGATIVE]].mean(0)
-    with torch.no_grad():
-        states = model(torch.randint(3, VOCAB, (1, 32)), output_hidden_states=True).hidden_states
+    model_dir, planted = planted_word_model(tmp_path / "model")
     g = torch.Generator().manual_seed(1)
     directions = {i: torch.randn(planted.shape[0], generator=g) * 1e-6 for i in range(LAYERS - 1)}
-    directions[LAYERS - 1] = planted / planted.norm() * states[LAYERS][0].norm(dim=-1).mean()
+    directions[LAYERS - 1] = planted
     SteeringVector(directions, LAYERS, model=str(model_dir), method="planted").save(tmp_path / "v.safetensors")
     prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 400, (5,), generator=g)) for _ in range(12)]
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))

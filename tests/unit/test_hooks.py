@@ -35,7 +35,7 @@ def test_a_moved_signature_is_refused():
 
 
 def test_every_patch_says_why_and_what_it_relies_on():
-    assert len({p.name for p in PATCHES}) == len(PATCHES) == 9
+    assert len({p.name for p in PATCHES}) == len(PATCHES) == 10
     assert all(p.params[0] == "self" and len(p.why) > 40 for p in PATCHES)
 
 
@@ -46,3 +46,32 @@ def test_every_accessed_attribute_exists_and_a_missing_one_is_refused(monkeypatc
     monkeypatch.setattr(hooks, "ACCESSED", (*hooks.ACCESSED, ("vllm.v1.utils:CpuGpuBuffer", "moved_away")))
     with pytest.raises(SteeringNotInstalled, match=r"vLLM 0\.32\.0 has no vllm\.v1\.utils\.CpuGpuBuffer\.moved_away"):
         hooks.check_accessed("0.32.0")
+
+
+def test_a_steering_engine_flags_the_rows_vllm_would_count_nans_in():
+    """The NaN flag of a steering engine (a fake runner: only the batch's request index is read)
+    against vLLM's own count: a row is flagged exactly when vLLM counts a NaN in it, whatever
+    else the row holds (huge finite values, one-sided infinities); rows map onto request ids as
+    vLLM maps them."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.worker.gpu_model_runner import count_nans_per_row, nans_to_dict
+
+    from steer_batch.engine.hooks import _nan_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4099, generator=g) * 30
+    logits[1, 7] = float("nan")
+    logits[2, :] = float("nan")
+    logits[3, 100] = float("inf")  # one-sided infinities: no NaN, no flag
+    logits[3, 200] = 3e38
+    logits[4, 5] = -float("inf")
+    logits[5, 4098] = float("nan")
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_id_to_index={f"r{i}": i for i in (5, 0, 2, 1, 4, 3)}))
+    want = nans_to_dict(count_nans_per_row(logits).tolist(), runner.input_batch.req_id_to_index)
+    got = _nan_rows(runner, logits)
+    assert got.keys() == want.keys() and {r: v > 0 for r, v in got.items()} == {r: v > 0 for r, v in want.items()}
+    assert got == {"r0": 0, "r1": 1, "r2": 1, "r3": 0, "r4": 0, "r5": 1}
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _nan_rows(runner, logits.to(dtype))["r1"] == 1

@@ -37,7 +37,7 @@ from steer_batch.eval.arrow_stream import ArrowStream
 from steer_batch.eval.choices import CHOICES, CHOICES_SCHEMA, Pair, score
 from steer_batch.jobs.extract import default_vector, extract
 from steer_batch.jobs.models import cache_dir, default_model_dir, model_hash, resolve_model
-from steer_batch.jobs.run import RunSpec, Sampling, evenly_spaced, generate
+from steer_batch.jobs.run import RunSpec, Sampling, evenly_spaced, generate, vector_files
 from steer_batch.jobs.sweep import slices
 from steer_batch.vectors.datasets import ABItem, ab_sequences
 from steer_batch.vectors.slices import layer_sets
@@ -289,7 +289,7 @@ def bench_ray(model: str | Path | None = None, num_prompts: int = 256, max_token
         spec = RunSpec(
             model=str(model_dir),
             model_hash=model_hash(model_dir),
-            vectors={"v": {"path": str(vector), "sha256": file_sha256(vector)}},
+            vectors=vector_files({"v": vector}),
             alphas=[-4.0, 0.0, 4.0],
             prompts_file=str(prompts_file),
             prompts_sha256=file_sha256(prompts_file),
@@ -337,7 +337,7 @@ def bench_sweep(
             return RunSpec(
                 model=str(model_dir),
                 model_hash=model_hash(model_dir),
-                vectors={n: {"path": str(f), "sha256": file_sha256(f)} for n, f in vectors.items()},
+                vectors=vector_files(vectors),
                 alphas=cell_alphas,
                 prompts_file=str(prompts_file),
                 prompts_sha256=file_sha256(prompts_file),

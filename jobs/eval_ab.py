@@ -30,6 +30,7 @@ from steer_batch.jobs.run import (
     DEFAULT_VECTOR_NAME,
     check_vectors_fit,
     f32,
+    grid_rows,
     now,
     prepare_out,
     same_spec,
@@ -59,19 +60,11 @@ class EvalSpec:
     @property
     def rows(self) -> list[tuple[int, str, float]]:
         """(row, vector, alpha) of every row, in submission order."""
-        first = next(iter(self.vectors), None)
-        return [
-            (r, v, a)
-            for r in range(self.first_row, self.first_row + self.num_rows)
-            for v in self.vectors
-            for a in self.alphas
-            if not (self.zero_once and a == 0.0 and v != first)
-        ]
+        questions = range(self.first_row, self.first_row + self.num_rows)
+        return grid_rows(questions, self.vectors, self.alphas, self.zero_once)
 
     def same_run(self, other: dict, vectors: bool = True) -> bool:
-        keys = ("model_hash", "first_row", "num_rows", "alphas", "op", "scope")
-        if self.zero_once != other.get("zero_once", False):  # folders from before the field: plain evals
-            return False
+        keys = ("model_hash", "first_row", "num_rows", "alphas", "op", "scope", "zero_once")
         same_data = self.data["sha256"] == other.get("data", {}).get("sha256")
         return same_data and same_spec(self, other, keys, vectors)
 

@@ -50,6 +50,9 @@ FLUSH_SECONDS = 2.0
 CALIBRATION = "calibration"  # the calibration folder of a run with --alphas auto (jobs/calibrate.py)
 SLICES = "slices"  # a sweep's vector slices, written before its run starts (jobs/sweep.py)
 AB_SCORES = "ab"  # an --ab sweep's eval-ab folder (jobs/sweep.py)
+# Spec fields added after folders were first written, with what a manifest without them meant
+# (a plain run or eval: alpha 0 under every vector).
+ADDED_LATER = {"zero_once": False}
 
 
 @dataclass
@@ -82,14 +85,7 @@ class RunSpec:
     @property
     def rows(self) -> list[tuple[int, str, float]]:
         """(prompt_id, vector, alpha) of every row, in submission order."""
-        first = next(iter(self.vectors), None)
-        return [
-            (p, v, a)
-            for p in range(self.num_prompts)
-            for v in self.vectors
-            for a in self.alphas
-            if not (self.zero_once and a == 0.0 and v != first)
-        ]
+        return grid_rows(range(self.num_prompts), self.vectors, self.alphas, self.zero_once)
 
     def seed(self, prompt_id: int, vector: str, alpha: float) -> int:
         """seed + the row's index: prompt p, the i-th vector, the j-th alpha (with one vector,
@@ -100,19 +96,27 @@ class RunSpec:
     def same_run(self, other: dict, vectors: bool = True) -> bool:
         """Whether `other` (a manifest's spec) is this run; `vectors=False` leaves the vectors'
         files out (checked before the default vector is extracted)."""
-        keys = ("model_hash", "alphas", "prompts_sha256", "num_prompts", "sampling", "op", "scope", "sample")
-        return same_spec(self, other, keys, vectors) and (
-            self.zero_once == other.get("zero_once", False)  # manifests from before the field
-        )
+        keys = (
+            "model_hash", "alphas", "prompts_sha256", "num_prompts", "sampling", "op", "scope", "sample", "zero_once",
+        )  # fmt: skip
+        return same_spec(self, other, keys, vectors)
+
+
+def grid_rows(keys, vectors, alphas, zero_once: bool) -> list[tuple]:
+    """(key, vector, alpha) for every key x vector x alpha, in submission order; `zero_once`:
+    alpha 0 (unsteered, the same for every vector) under the first vector only."""
+    first = next(iter(vectors), None)
+    return [(k, v, a) for k in keys for v in vectors for a in alphas if not (zero_once and a == 0.0 and v != first)]
 
 
 def same_spec(spec, other: dict, keys: tuple[str, ...], vectors: bool = True) -> bool:
     """Whether a manifest's spec `other` equals `spec` (a dataclass with `vectors`, name ->
-    {"path", "sha256"}) at `keys` and, unless `vectors` is False, in its vector files' sha256."""
+    {"path", "sha256"}) at `keys` and, unless `vectors` is False, in its vector files' sha256. A
+    key of ADDED_LATER missing from `other` reads as what a manifest from before it meant."""
     mine = asdict(spec)
     sha = {name: v["sha256"] for name, v in spec.vectors.items()}
     theirs = {name: v.get("sha256") for name, v in (other.get("vectors") or {}).items()}
-    return (sha == theirs or not vectors) and all(mine[k] == other.get(k) for k in keys)
+    return (sha == theirs or not vectors) and all(mine[k] == other.get(k, ADDED_LATER.get(k)) for k in keys)
 
 
 def versions() -> dict[str, str]:

@@ -63,19 +63,18 @@ def check_bank(count: int) -> None:
 def slices(vector: SteeringVector, name: str, sets: list[list[int]], folder: Path) -> dict[str, Path]:
     """Each layer set's slice of `vector`, name -> file in `folder`, in set order; a file already
     there (a resumed sweep) must hold the same slice."""
-    files = {slice_name(name, layers): layers for layers in sets}
-    for label, layers in files.items():
-        path = folder / f"{label}.safetensors"
-        if path.is_file() and not _same(SteeringVector.load(path), vector.restricted(layers)):
+    sliced = {folder / f"{slice_name(name, layers)}.safetensors": vector.restricted(layers) for layers in sets}
+    for path, part in sliced.items():
+        if path.is_file() and not _same(SteeringVector.load(path), part):
             raise SteerBatchError(
                 f"{path} is a slice of another vector; choose another --out, or delete that folder to replace it",
                 param="vector",
             )
     folder.mkdir(parents=True, exist_ok=True)
-    for label, layers in files.items():
-        if not (folder / f"{label}.safetensors").is_file():
-            vector.restricted(layers).save(folder / f"{label}.safetensors")
-    return {label: folder / f"{label}.safetensors" for label in files}
+    for path, part in sliced.items():
+        if not path.is_file():
+            part.save(path)
+    return {slice_name(name, layers): path for layers, path in zip(sets, sliced)}
 
 
 def _same(a: SteeringVector, b: SteeringVector) -> bool:
@@ -92,8 +91,8 @@ def sweep_table(out: Path, target: str, max_nll_increase: float) -> tuple[pa.Tab
     costs = cells(out, "positive" if ab else target)
     shifts = {}
     if ab:
+        sign = 1.0 if target == "match" else -1.0
         for r in summarize(out / AB_SCORES).to_pylist():
-            sign = 1.0 if target == "match" else -1.0
             lo, hi = sorted((sign * r["shift_lo"], sign * r["shift_hi"]))
             shifts[(r["vector"], r["alpha"])] = {
                 "n": r["n"], "p_match": r["p_match"], "effect": sign * r["shift"], "effect_lo": lo, "effect_hi": hi,
@@ -107,12 +106,12 @@ def sweep_table(out: Path, target: str, max_nll_increase: float) -> tuple[pa.Tab
                 row = {k: v for k, v in row.items() if not k.startswith(("effect", "p_"))}
                 row = {**shifts[(name, row["alpha"])], "n_generated": row.pop("n"), **row}
             table.append({"layers": name.partition("@")[2], "vector": name, **row})
-    within = [r for r in table if r["nll_increase"] <= max_nll_increase and math.isfinite(r["effect"])]
-    best = max(within, key=lambda r: r["effect"], default=None)
-    per_set = {}
-    for r in within:
-        if r["layers"] not in per_set or r["effect"] > per_set[r["layers"]]["effect"]:
-            per_set[r["layers"]] = r
+    per_set = {}  # each layer set's largest effect within the budget
+    for r in table:
+        if r["nll_increase"] <= max_nll_increase and math.isfinite(r["effect"]):
+            if r["layers"] not in per_set or r["effect"] > per_set[r["layers"]]["effect"]:
+                per_set[r["layers"]] = r
+    best = max(per_set.values(), key=lambda r: r["effect"], default=None)
     pick = ("layers", "alpha", "effect", "effect_lo", "effect_hi", "nll_increase")
     recommendation = {
         "target": target,
@@ -238,12 +237,10 @@ def sweep(
         **grid,
     )
 
-    def check(vectors: dict | None) -> None:  # what the run and the scoring would refuse; writes nothing
-        run(out, vectors=vectors, prompts=prompts, sample=sample, check_only=True, **grid, **run_kwargs)
-        if ab is not None:
-            eval_ab(ab, out / AB_SCORES, vectors=vectors, check_only=True, **ab_kwargs)
-
-    check(vector)
+    # What the run and the scoring would refuse, before a slice is written.
+    run(out, vectors=vector, prompts=prompts, sample=sample, check_only=True, **grid, **run_kwargs)
+    if ab is not None:
+        eval_ab(ab, out / AB_SCORES, vectors=vector, check_only=True, **ab_kwargs)
     name, path = next(iter(vector.items())) if vector else (DEFAULT_VECTOR_NAME, None)
     path = Path(path) if path is not None else default_vector(resolve_model(model))
     full = SteeringVector.load(path)

@@ -78,16 +78,22 @@ def steer_add_(hidden, residual, p, q, r, vid, V, U, active) -> None:
         rows = p.ne(0).any(1).nonzero().squeeze(1)
         every = rows.numel() == n
         if not every:
+            if not rows.numel():
+                return
             p, vid = p.index_select(0, rows), vid.index_select(0, rows)
-        delta = p[:, 0, None] * V.index_select(0, vid[:, 0]).float()
+        # In place wherever the bits allow: inside a model each pass over [tokens, hidden], and
+        # each fresh buffer of that size, costs a trip to memory (docs/benchmarks.md).
+        delta = V.index_select(0, vid[:, 0]).float().mul_(p[:, :1])
         for m in range(1, k):  # in slot order, as steer_delta sums them
-            delta = delta + p[:, m, None] * V.index_select(0, vid[:, m]).float()
-        h = hidden if every else hidden.index_select(0, rows)
-        steered = _finite(h.float() + delta, hidden.dtype).to(hidden.dtype)
-        if every:
-            hidden.copy_(steered)
-        elif rows.numel():
-            hidden.index_copy_(0, rows, steered)
+            delta.add_(V.index_select(0, vid[:, m]).float().mul_(p[:, m, None]))
+        limit = torch.finfo(hidden.dtype).max
+        if not every:
+            steered = delta.add_(hidden.index_select(0, rows)).clamp_(-limit, limit)
+            hidden.index_copy_(0, rows, steered.to(hidden.dtype))
+        elif hidden.dtype == torch.float32:
+            hidden.add_(delta).clamp_(-limit, limit)
+        else:  # summed in float32, rounded once
+            hidden.copy_(delta.add_(hidden).clamp_(-limit, limit))
         return
     rows = ((p != 0) | (q != 0) | (r != 0)).any(1).nonzero().squeeze(1)
     if rows.numel() == n:

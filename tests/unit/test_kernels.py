@@ -106,13 +106,14 @@ def test_a_sum_beyond_the_dtype_but_finite_in_float32_saturates(dtype, change):
     assert float(h[1, 5]) == float(res_out[1, 5]) == torch.finfo(dtype).max
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("steered", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("adds_only", [False, True])
 def test_the_cpu_in_place_add_equals_the_separate_add_and_skips_what_is_not_steered(dtype, steered, adds_only):
     """steer_add_ (the CPU's op) gives steer_add's rows bit for bit, computing only the steered
-    tokens and the slots the step uses, on its own path for a step that only adds; with nothing
-    steered it leaves the output untouched."""
+    tokens and the slots the step uses, on its own path for a step that only adds (in place where
+    it can be); with nothing steered it leaves the output untouched. A saturating alpha and a NaN
+    that was there take the same path."""
     from steer_batch.kernels.steer import steer_add_
 
     x, res, w, p, q, r, vid, V, U = inputs(40, 576, dtype, steered=steered)
@@ -123,10 +124,16 @@ def test_the_cpu_in_place_add_equals_the_separate_add_and_skips_what_is_not_stee
         r.zero_()
     if steered == 1.0:
         assert bool(p[:40, :2].ne(0).all(1).any())  # some tokens add two vectors
+    if steered:
+        p[3], q[3], r[3] = 0, 0, 0
+        vid[3, 0], p[3, 0] = 0, -3e38  # alone in its row, past float32's range once times the vector
+        x[4, 7] = float("nan")
     want = steer_add(x, res, p, q, r, vid, V, U)
     used = int(((p[:40] != 0) | (q[:40] != 0) | (r[:40] != 0)).any(0).nonzero().max()) + 1 if steered else 0
     got = x.clone()
     steer_add_(got, res, p, q, r, vid, V, U, torch.tensor([used], dtype=torch.int32))
-    assert torch.equal(got, want)
-    if not steered:
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    if steered:
+        assert bool(got[4, 7].isnan()) and float(got[3].abs().max()) == torch.finfo(dtype).max
+    else:
         assert torch.equal(got, x)

@@ -92,6 +92,7 @@ class Handlers:
     fail_non_finite: Callable  # engine/frontend.py
     in_use: Callable  # engine/bank.py
     fill_step: Callable  # engine/runner.py
+    steered_requests: Callable  # engine/runner.py
     build_kv_zeroer: Callable  # engine/runner.py
     asks_steering: Callable  # engine/config.py
 
@@ -109,23 +110,30 @@ def _get_nans_in_logits(original, on: Handlers):
     def get_nans_in_logits(self, logits):
         if logits is None or not on.asks_steering(self.vllm_config.additional_config):
             return original(self, logits)
-        return _nan_rows(self, logits)
+        return _nan_rows(self, logits, on.steered_requests(self))
 
     return get_nans_in_logits
 
 
-def _nan_rows(runner, logits) -> dict[str, int]:
-    """A steering engine's answer to vLLM's per-request NaN count (sync scheduling): 1 for a row
-    whose logits hold a NaN, else 0. The guard only asks whether (engine/frontend.py), and one
-    float sum per row is one pass over the logits where vLLM's count builds a bool tensor and sums
-    it as integers (4% of a steering engine's time on the CPU, docs/benchmarks.md). A row holding
-    both +inf and -inf sums to NaN too: its softmax is NaN as well. The rest as vLLM does it:
-    rows mapped onto request ids, VLLM_RAISE_ON_LOGIT_NANS honoured."""
-    try:
-        flags = logits.sum(dim=-1).isnan().to(torch.int32).tolist()
-        found = gpu_model_runner.nans_to_dict(flags, runner.input_batch.req_id_to_index)
-    except IndexError:  # as vLLM's own count: a row vLLM cannot map counts as none
+def _nan_rows(runner, logits, steered) -> dict[str, int]:
+    """A steering engine's answer to vLLM's per-request NaN count (sync scheduling): for each
+    request in `steered` (the batch's requests with a steering spec), 1 where its row of logits
+    holds a NaN, else 0. Other rows are not read: steering cannot have touched them, so they pass
+    as stock vLLM passes them, and a step with no steered request costs nothing. The guard only
+    asks whether (engine/frontend.py), and one float sum per row is one pass over the logits where
+    vLLM's count builds a bool tensor and sums it as integers (4% of a steering engine's time on
+    the CPU, docs/benchmarks.md). A row holding both +inf and -inf sums to NaN too: its softmax is
+    NaN as well. The rest as vLLM does it: rows mapped onto request ids, VLLM_RAISE_ON_LOGIT_NANS
+    honoured."""
+    rows = logits.shape[0]
+    index = {rid: i for rid, i in runner.input_batch.req_id_to_index.items() if rid in steered and i < rows}
+    if not index:  # as vLLM's own count, a request without a row counts as none
         return {}
+    if len(index) == rows:
+        sums = logits.sum(dim=-1)[list(index.values())]
+    else:
+        sums = logits.index_select(0, torch.tensor(list(index.values()), device=logits.device)).sum(dim=-1)
+    found = dict(zip(index, sums.isnan().int().tolist()))
     if vllm.envs.VLLM_RAISE_ON_LOGIT_NANS:
         gpu_model_runner.raise_if_nan_logits(found)
     return found
@@ -440,9 +448,10 @@ PATCHES = (
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner",
         "_get_nans_in_logits",
         ("self", "logits"),
-        "flag the rows whose logits hold a NaN with one float sum per row instead of vLLM's integer count, in a "
-        "steering engine under sync scheduling (the CPU runner inherits this method; async scheduling keeps "
-        "vLLM's count on the device): the guard needs only whether, and vLLM has no setting for it",
+        "flag the steered requests' rows whose logits hold a NaN with one float sum per row instead of vLLM's "
+        "integer count over every row, in a steering engine under sync scheduling (the CPU runner inherits this "
+        "method; async scheduling keeps vLLM's count on the device): the guard needs only whether, and only for "
+        "steered requests, and vLLM has no setting for either",
         _get_nans_in_logits,
     ),
     Patch(

@@ -73,9 +73,9 @@ class SteeringState(nn.Module):
         for name in ("p", "q", "r"):
             self.register_buffer(name, torch.zeros(max_tokens, slots, dtype=torch.float32), persistent=False)
         self.register_buffer("vid", torch.zeros(max_tokens, slots, dtype=torch.int32), persistent=False)
-        # Slots any token of the step uses, on the CPU only (kernels/steer.py steer_add_ skips the
-        # rest there; a CUDA graph cannot look at a step, and the compiled add runs every slot).
-        self.register_buffer("active", torch.zeros(1, dtype=torch.int32), persistent=False)
+        # What the step steers (kernels/step_inputs.py), on the CPU only: kernels/steer.py steer_add_
+        # skips the rest there (a CUDA graph cannot look at a step; the compiled add runs every slot).
+        self.register_buffer("summary", torch.zeros(3, dtype=torch.int32), persistent=False)
 
     def attach(self, layer: int, module: nn.Module, V: torch.Tensor) -> None:
         """Give `module` the per-token inputs and layer `layer`'s banks: V the raw directions
@@ -85,8 +85,8 @@ class SteeringState(nn.Module):
         V = V.to(torch.float32)
         for name in ("p", "q", "r", "vid"):
             module.register_buffer(f"steer_{name}", getattr(self, name), persistent=False)
-        on_cpu = self.active.device.type == "cpu"
-        module.register_buffer("steer_active", self.active if on_cpu else None, persistent=False)
+        on_cpu = self.summary.device.type == "cpu"
+        module.register_buffer("steer_summary", self.summary if on_cpu else None, persistent=False)
         module.register_buffer("steer_v", V, persistent=False)
         module.register_buffer("steer_u", _unit(V), persistent=False)
         self.banks[layer] = module
@@ -120,15 +120,15 @@ class _SteeredLayer:
     """Mixed into a decoder layer's class; the layer's own forward runs unchanged first."""
 
     steer_v: torch.Tensor | None  # None where the add is folded into the next norm, or the layer only captures
-    steer_active: torch.Tensor | None  # [1] slots the step uses, on the CPU (SteeringState)
+    steer_summary: torch.Tensor | None  # [3] what the step steers, on the CPU (SteeringState)
     steer_capture_out: torch.Tensor | None  # [slots, hidden] when this layer is captured (SteeringState)
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         hidden_states, residual = super().forward(positions, hidden_states, residual, **kwargs)
-        if self.steer_v is not None and self.steer_active is not None:  # CPU: only what the step steers
+        if self.steer_v is not None and self.steer_summary is not None:  # CPU: only what the step steers
             # Eager, the function itself: a custom op's dispatch would cost more than the skip saves.
             add_ = torch.ops.steer_batch.steer_add_ if torch.compiler.is_compiling() else steer_add_
-            add_(hidden_states, residual, *SteeringState.inputs(self), self.steer_active)
+            add_(hidden_states, residual, *SteeringState.inputs(self), self.steer_summary)
         elif self.steer_v is not None:
             hidden_states = steer_add(hidden_states, residual, *SteeringState.inputs(self))
         if self.steer_capture_out is not None:  # the layer's residual-stream output at the capture rows

@@ -29,6 +29,7 @@ def register() -> None:
             fail_non_finite=frontend.fail_non_finite,
             in_use=bank.in_use,
             fill_step=runner.fill_step,
+            steered_requests=runner.steered_requests,
             build_kv_zeroer=runner.build_kv_zeroer,
             asks_steering=config.asks_steering,
         )

@@ -23,8 +23,8 @@ class StepFiller:
 
     def __init__(self, runner: GPUModelRunner, state: SteeringState):
         self.state = state
-        active = state.active if state.active.device.type == "cpu" else None
-        self.inputs = StepInputs(state.p, state.q, state.r, state.vid, active)
+        summary = state.summary if state.summary.device.type == "cpu" else None
+        self.inputs = StepInputs(state.p, state.q, state.r, state.vid, summary)
         self.capture_staging = hooks.staging_buffer(state.capture_rows)  # filled while vLLM's runner holds
         # its input-preparation event, copied without blocking
         self.plans: dict[str, np.ndarray | None] = {}  # req_id -> [6, slots] plan (kernels/step_inputs.py)
@@ -114,6 +114,13 @@ def fill_step(runner: GPUModelRunner, num_scheduled_tokens: np.ndarray) -> None:
         filler = hooks.keep(runner, "filler", _make_filler(runner))
     if filler is not None:
         filler.fill(runner, num_scheduled_tokens)
+
+
+def steered_requests(runner: GPUModelRunner) -> set[str]:
+    """The ids of the last step's requests that carry a steering spec (engine/hooks.py reads
+    their rows of logits for NaN)."""
+    filler = hooks.keep(runner, "filler")
+    return {rid for rid, plan in filler.plans.items() if plan is not None} if filler else set()
 
 
 def _make_filler(runner: GPUModelRunner) -> StepFiller | None:

@@ -47,15 +47,15 @@ def steer_add_(
     vid: torch.Tensor,
     V: torch.Tensor,
     U: torch.Tensor,
-    active: torch.Tensor,
+    summary: torch.Tensor,
 ) -> None:
     """The separate add in place on the CPU, skipping unused slots and unsteered tokens
     (kernels/steer.py `steer_add_`); one opaque node for torch.compile."""
-    steer.steer_add_(hidden, residual, p, q, r, vid, V, U, active)
+    steer.steer_add_(hidden, residual, p, q, r, vid, V, U, summary)
 
 
 @steer_add_.register_fake
-def _(hidden, residual, p, q, r, vid, V, U, active):
+def _(hidden, residual, p, q, r, vid, V, U, summary):
     return None
 
 

@@ -62,42 +62,47 @@ def fused_add_rms_norm_steer(x, residual, weight, eps: float, p, q, r, vid, V, U
     return (normed.to(weight.dtype) * weight).to(dtype), s.to(dtype)
 
 
-def steer_add_(hidden, residual, p, q, r, vid, V, U, active) -> None:
+def steer_add_(hidden, residual, p, q, r, vid, V, U, summary) -> None:
     """`steer_add` in place, computing only what the step steers (the CPU path: no CUDA graph
-    replays it, so it may look at the step): `active` [1] int32 holds how many slots any token of
-    the step uses (0: nothing is steered, and the layer's output is left as it is), and only the
-    rows of tokens with a nonzero coefficient are computed, each exactly as `steer_add` does.
-    A step that only adds (q = r = 0: its change does not depend on the state) skips the
-    projection terms, which are exact zeros there, and so gives the same bits in a third of the ops."""
-    k = int(active[0])
+    replays it, so it may look at the step). `summary` [3] int32 is the step's, written on the
+    host as it was built (kernels/step_inputs.py): how many slots any token uses (0: nothing is
+    steered, and the layer's output is left as it is), whether those only add, whether every
+    token is steered. Only the steered tokens' rows and the used slots are computed, each row
+    exactly as `steer_add` does. A step that only adds (its change does not depend on the state)
+    skips the projection terms, which are exact zeros there, and works in place: the same bits in
+    a few ops, which matters more than the arithmetic inside a model (docs/benchmarks.md). V is
+    float32, as the engine's banks are."""
+    k, adds_only, every = summary.tolist()
     if k == 0:
         return
     n = hidden.shape[0]
-    p, q, r, vid = p[:n, :k], q[:n, :k], r[:n, :k], vid[:n, :k]
-    if not (bool(q.any()) or bool(r.any())):
-        rows = p.ne(0).any(1).nonzero().squeeze(1)
-        every = rows.numel() == n
-        if not every:
-            if not rows.numel():
-                return
-            p, vid = p.index_select(0, rows), vid.index_select(0, rows)
-        # In place wherever the bits allow: inside a model each pass over [tokens, hidden], and
-        # each fresh buffer of that size, costs a trip to memory (docs/benchmarks.md).
-        delta = V.index_select(0, vid[:, 0]).float().mul_(p[:, :1])
-        for m in range(1, k):  # in slot order, as steer_delta sums them
-            delta.add_(V.index_select(0, vid[:, m]).float().mul_(p[:, m, None]))
-        limit = torch.finfo(hidden.dtype).max
-        if not every:
-            steered = delta.add_(hidden.index_select(0, rows)).clamp_(-limit, limit)
-            hidden.index_copy_(0, rows, steered.to(hidden.dtype))
-        elif hidden.dtype == torch.float32:
+    if not adds_only:
+        p, q, r, vid = p[:n, :k], q[:n, :k], r[:n, :k], vid[:n, :k]
+        rows = ((p != 0) | (q != 0) | (r != 0)).any(1).nonzero().squeeze(1)
+        if rows.numel() == n:
+            hidden.copy_(steer_add(hidden, residual, p, q, r, vid, V, U))
+        elif rows.numel():
+            steered = steer_add(hidden[rows], residual[rows], p[rows], q[rows], r[rows], vid[rows], V, U)
+            hidden.index_copy_(0, rows, steered)
+        return
+    limit = torch.finfo(hidden.dtype).max
+    if every:
+        delta = _added(p[:n], vid[:n], V, k)
+        if hidden.dtype == torch.float32:
             hidden.add_(delta).clamp_(-limit, limit)
         else:  # summed in float32, rounded once
             hidden.copy_(delta.add_(hidden).clamp_(-limit, limit))
         return
-    rows = ((p != 0) | (q != 0) | (r != 0)).any(1).nonzero().squeeze(1)
-    if rows.numel() == n:
-        hidden.copy_(steer_add(hidden, residual, p, q, r, vid, V, U))
-    elif rows.numel():
-        steered = steer_add(hidden[rows], residual[rows], p[rows], q[rows], r[rows], vid[rows], V, U)
-        hidden.index_copy_(0, rows, steered)
+    rows = p[:n, :k].ne(0).any(1).nonzero().squeeze(1)
+    steered = _added(p.index_select(0, rows), vid.index_select(0, rows), V, k)
+    steered.add_(hidden.index_select(0, rows)).clamp_(-limit, limit)
+    hidden.index_copy_(0, rows, steered.to(hidden.dtype))
+
+
+def _added(p, vid, V, k: int) -> torch.Tensor:
+    """The float32 sum of p[:, m] * V[vid[:, m]] over the first k slots, in slot order, as
+    steer_delta sums them (a fresh tensor, so each step is in place)."""
+    delta = V.index_select(0, vid[:, 0]).mul_(p[:, :1])
+    for m in range(1, k):
+        delta.add_(V.index_select(0, vid[:, m]).mul_(p[:, m, None]))
+    return delta

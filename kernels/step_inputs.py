@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 VID, P, Q, R, LO, HI = range(6)
+SLOTS_USED, ADDS_ONLY, EVERY_TOKEN = range(3)  # the step's summary (StepInputs `summary`)
 
 
 class StepInputs:
@@ -22,11 +23,13 @@ class StepInputs:
 
     NAMES = ("p", "q", "r", "vid")
 
-    def __init__(self, p, q, r, vid, active: torch.Tensor | None = None):
-        """`active`, a [1] int32 tensor on the CPU, if given, receives the number of slots any token
-        of the step uses (0: none), for the CPU op that skips the rest (steer.py `steer_add_`)."""
+    def __init__(self, p, q, r, vid, summary: torch.Tensor | None = None):
+        """`summary`, a [3] int32 tensor on the CPU, if given, receives what the CPU op needs to
+        skip the rest (steer.py `steer_add_`), read on the host where the step is built: the
+        number of slots any token uses (0: nothing is steered), whether those slots only add
+        (q = r = 0), whether every token has a nonzero coefficient in them."""
         self.device = dict(zip(self.NAMES, (p, q, r, vid)))
-        self.active = active
+        self.summary = summary.numpy() if summary is not None else None
         self.host = {
             name: t if t.device.type == "cpu" else torch.zeros(t.shape, dtype=t.dtype, pin_memory=True)
             for name, t in self.device.items()
@@ -38,9 +41,6 @@ class StepInputs:
         """One step: plans [requests, 6, slots] in the batch's order (None: nothing steered),
         each request's scheduled token count and the tokens it had computed before the step."""
         n = int(num_scheduled_tokens.sum())
-        if self.active is not None:
-            used = np.flatnonzero((plans[:, P : R + 1] != 0).any(axis=(0, 1))) if plans is not None else []
-            self.active[0] = int(used[-1]) + 1 if len(used) else 0
         for buffer in self.np.values():
             buffer[n : self.filled] = 0
         if plans is None:
@@ -55,8 +55,18 @@ class StepInputs:
             for name, row in (("p", P), ("q", Q), ("r", R)):
                 self.np[name][:n] = np.where(inside, token_plans[:, row], 0.0)
             self.np["vid"][:n] = token_plans[:, VID]
+        if self.summary is not None:
+            self.summary[:] = self.summarize(n)
         used = max(n, self.filled)
         for name, host in self.host.items():
             if host is not self.device[name]:
                 self.device[name][:used].copy_(host[:used], non_blocking=True)
         self.filled = n
+
+    def summarize(self, n: int) -> np.ndarray:
+        """[slots used, adds only, every token steered] of the first n tokens as filled."""
+        p, q, r = (self.np[name][:n] for name in ("p", "q", "r"))
+        on = (p != 0) | (q != 0) | (r != 0)  # [tokens, slots]
+        used = np.flatnonzero(on.any(axis=0))
+        k = int(used[-1]) + 1 if len(used) else 0
+        return np.array([k, not (q[:, :k].any() or r[:, :k].any()), bool(on[:, :k].any(axis=1).all())], dtype=np.int32)

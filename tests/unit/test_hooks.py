@@ -48,11 +48,12 @@ def test_every_accessed_attribute_exists_and_a_missing_one_is_refused(monkeypatc
         hooks.check_accessed("0.32.0")
 
 
-def test_a_steering_engine_flags_the_rows_vllm_would_count_nans_in():
+def test_a_steering_engine_flags_the_steered_rows_vllm_would_count_nans_in():
     """The NaN flag of a steering engine (a fake runner: only the batch's request index is read)
-    against vLLM's own count: a row is flagged exactly when vLLM counts a NaN in it, whatever
-    else the row holds (huge finite values, one-sided infinities); rows map onto request ids as
-    vLLM maps them."""
+    against vLLM's own count: a steered request's row is flagged exactly when vLLM counts a NaN
+    in it, whatever else the row holds (huge finite values, one-sided infinities); rows map onto
+    request ids as vLLM maps them; unsteered requests are not reported (a step without a steered
+    request reports nothing, as stock vLLM), nor is a request without a row."""
     from types import SimpleNamespace
 
     import torch
@@ -68,10 +69,15 @@ def test_a_steering_engine_flags_the_rows_vllm_would_count_nans_in():
     logits[3, 200] = 3e38
     logits[4, 5] = -float("inf")
     logits[5, 4098] = float("nan")
-    runner = SimpleNamespace(input_batch=SimpleNamespace(req_id_to_index={f"r{i}": i for i in (5, 0, 2, 1, 4, 3)}))
-    want = nans_to_dict(count_nans_per_row(logits).tolist(), runner.input_batch.req_id_to_index)
-    got = _nan_rows(runner, logits)
+    index = {f"r{i}": i for i in (5, 0, 2, 1, 4, 3)}
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_id_to_index={**index, "r6": 6}))  # r6: no row
+    want = nans_to_dict(count_nans_per_row(logits).tolist(), index)
+    got = _nan_rows(runner, logits, set(index) | {"r6"})
     assert got.keys() == want.keys() and {r: v > 0 for r, v in got.items()} == {r: v > 0 for r, v in want.items()}
     assert got == {"r0": 0, "r1": 1, "r2": 1, "r3": 0, "r4": 0, "r5": 1}
+    assert _nan_rows(runner, logits, {"r1", "r3", "r5"}) == {"r1": 1, "r3": 0, "r5": 1}
+    assert _nan_rows(runner, logits, {"r2"}) == {"r2": 1}
+    assert _nan_rows(runner, logits, set()) == {} and _nan_rows(runner, logits, {"r6"}) == {}
     for dtype in (torch.bfloat16, torch.float16):
-        assert _nan_rows(runner, logits.to(dtype))["r1"] == 1
+        assert _nan_rows(runner, logits.to(dtype), set(index))["r1"] == 1
+        assert _nan_rows(runner, logits.to(dtype), {"r4", "r5"}) == {"r4": 0, "r5": 1}

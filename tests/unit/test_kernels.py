@@ -129,9 +129,11 @@ def test_the_cpu_in_place_add_equals_the_separate_add_and_skips_what_is_not_stee
         vid[3, 0], p[3, 0] = 0, -3e38  # alone in its row, past float32's range once times the vector
         x[4, 7] = float("nan")
     want = steer_add(x, res, p, q, r, vid, V, U)
-    used = int(((p[:40] != 0) | (q[:40] != 0) | (r[:40] != 0)).any(0).nonzero().max()) + 1 if steered else 0
+    on = (p[:40] != 0) | (q[:40] != 0) | (r[:40] != 0)
+    used = int(on.any(0).nonzero().max()) + 1 if steered else 0
+    summary = [used, adds_only or not steered, bool(on.any(1).all())]  # as kernels/step_inputs.py writes it
     got = x.clone()
-    steer_add_(got, res, p, q, r, vid, V, U, torch.tensor([used], dtype=torch.int32))
+    steer_add_(got, res, p, q, r, vid, V, U, torch.tensor(summary, dtype=torch.int32))
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
     if steered:
         assert bool(got[4, 7].isnan()) and float(got[3].abs().max()) == torch.finfo(dtype).max

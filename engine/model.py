@@ -30,6 +30,7 @@ from steer_batch.engine.bank import BankManager
 from steer_batch.engine.config import SteeringConfig
 from steer_batch.errors import SteerBatchError
 from steer_batch.kernels import steer_add, steer_add_
+from steer_batch.kernels.step_inputs import SUMMARY
 from steer_batch.vectors.vector import SteeringVector, read_file
 
 logger = init_logger(__name__)
@@ -75,7 +76,7 @@ class SteeringState(nn.Module):
         self.register_buffer("vid", torch.zeros(max_tokens, slots, dtype=torch.int32), persistent=False)
         # What the step steers (kernels/step_inputs.py), on the CPU only: kernels/steer.py steer_add_
         # skips the rest there (a CUDA graph cannot look at a step; the compiled add runs every slot).
-        self.register_buffer("summary", torch.zeros(3, dtype=torch.int32), persistent=False)
+        self.register_buffer("summary", torch.zeros(len(SUMMARY), dtype=torch.int32), persistent=False)
 
     def attach(self, layer: int, module: nn.Module, V: torch.Tensor) -> None:
         """Give `module` the per-token inputs and layer `layer`'s banks: V the raw directions
@@ -120,7 +121,7 @@ class _SteeredLayer:
     """Mixed into a decoder layer's class; the layer's own forward runs unchanged first."""
 
     steer_v: torch.Tensor | None  # None where the add is folded into the next norm, or the layer only captures
-    steer_summary: torch.Tensor | None  # [3] what the step steers, on the CPU (SteeringState)
+    steer_summary: torch.Tensor | None  # what the step steers, on the CPU (SteeringState)
     steer_capture_out: torch.Tensor | None  # [slots, hidden] when this layer is captured (SteeringState)
 
     def forward(self, positions, hidden_states, residual, **kwargs):

@@ -64,15 +64,15 @@ def fused_add_rms_norm_steer(x, residual, weight, eps: float, p, q, r, vid, V, U
 
 def steer_add_(hidden, residual, p, q, r, vid, V, U, summary) -> None:
     """`steer_add` in place, computing only what the step steers (the CPU path: no CUDA graph
-    replays it, so it may look at the step). `summary` [3] int32 is the step's, written on the
-    host as it was built (kernels/step_inputs.py): how many slots any token uses (0: nothing is
+    replays it, so it may look at the step). `summary` int32 is the step's, written on the host
+    as it was built (kernels/step_inputs.py SUMMARY): how many slots any token uses (0: nothing is
     steered, and the layer's output is left as it is), whether those only add, whether every
-    token is steered. Only the steered tokens' rows and the used slots are computed, each row
-    exactly as `steer_add` does. A step that only adds (its change does not depend on the state)
-    skips the projection terms, which are exact zeros there, and works in place: the same bits in
-    a few ops, which matters more than the arithmetic inside a model (docs/benchmarks.md). V is
-    float32, as the engine's banks are."""
-    k, adds_only, every = summary.tolist()
+    token is steered, the one bank row a one-slot step adds from (else -1). Only the steered
+    tokens' rows and the used slots are computed, each row exactly as `steer_add` does. A step
+    that only adds (its change does not depend on the state) skips the projection terms, which
+    are exact zeros there, and works in place: the same bits in a few ops, and inside a model
+    each op counts (docs/benchmarks.md). V is float32, as the engine's banks are."""
+    k, adds_only, every, one_row = summary.tolist()
     if k == 0:
         return
     n = hidden.shape[0]
@@ -87,7 +87,7 @@ def steer_add_(hidden, residual, p, q, r, vid, V, U, summary) -> None:
         return
     limit = torch.finfo(hidden.dtype).max
     if every:
-        delta = _added(p[:n], vid[:n], V, k)
+        delta = p[:n, :1] * V[one_row] if one_row >= 0 else _added(p[:n], vid[:n], V, k)
         if hidden.dtype == torch.float32:
             hidden.add_(delta).clamp_(-limit, limit)
         else:  # summed in float32, rounded once

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 VID, P, Q, R, LO, HI = range(6)
-SLOTS_USED, ADDS_ONLY, EVERY_TOKEN = range(3)  # the step's summary (StepInputs `summary`)
+# The step's summary for the CPU op (StepInputs `summary`, steer.py `steer_add_`), in this order.
+SUMMARY = ("slots used", "adds only", "every token steered", "the one bank row of a one-slot step, else -1")
 
 
 class StepInputs:
@@ -24,10 +25,11 @@ class StepInputs:
     NAMES = ("p", "q", "r", "vid")
 
     def __init__(self, p, q, r, vid, summary: torch.Tensor | None = None):
-        """`summary`, a [3] int32 tensor on the CPU, if given, receives what the CPU op needs to
-        skip the rest (steer.py `steer_add_`), read on the host where the step is built: the
-        number of slots any token uses (0: nothing is steered), whether those slots only add
-        (q = r = 0), whether every token has a nonzero coefficient in them."""
+        """`summary`, a [len(SUMMARY)] int32 tensor on the CPU, if given, receives what the CPU op
+        needs to skip the rest (steer.py `steer_add_`), read on the host where the step is built:
+        the number of slots any token uses (0: nothing is steered), whether those slots only add
+        (q = r = 0), whether every token has a nonzero coefficient in them, and, where every token
+        adds in one slot from the same bank row, that row."""
         self.device = dict(zip(self.NAMES, (p, q, r, vid)))
         self.summary = summary.numpy() if summary is not None else None
         self.host = {
@@ -64,9 +66,12 @@ class StepInputs:
         self.filled = n
 
     def summarize(self, n: int) -> np.ndarray:
-        """[slots used, adds only, every token steered] of the first n tokens as filled."""
-        p, q, r = (self.np[name][:n] for name in ("p", "q", "r"))
+        """SUMMARY of the first n tokens as filled."""
+        p, q, r, vid = (self.np[name][:n] for name in self.NAMES)
         on = (p != 0) | (q != 0) | (r != 0)  # [tokens, slots]
         used = np.flatnonzero(on.any(axis=0))
         k = int(used[-1]) + 1 if len(used) else 0
-        return np.array([k, not (q[:, :k].any() or r[:, :k].any()), bool(on[:, :k].any(axis=1).all())], dtype=np.int32)
+        adds_only = not (q[:, :k].any() or r[:, :k].any())
+        every = bool(on[:, :k].any(axis=1).all())
+        one_row = k == 1 and adds_only and every and bool((vid[:, 0] == vid[0, 0]).all())
+        return np.array([k, adds_only, every, vid[0, 0] if one_row else -1], dtype=np.int32)

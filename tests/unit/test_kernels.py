@@ -131,7 +131,7 @@ def test_the_cpu_in_place_add_equals_the_separate_add_and_skips_what_is_not_stee
     want = steer_add(x, res, p, q, r, vid, V, U)
     on = (p[:40] != 0) | (q[:40] != 0) | (r[:40] != 0)
     used = int(on.any(0).nonzero().max()) + 1 if steered else 0
-    summary = [used, adds_only or not steered, bool(on.any(1).all())]  # as kernels/step_inputs.py writes it
+    summary = [used, adds_only or not steered, bool(on.any(1).all()), -1]  # as kernels/step_inputs.py writes it
     got = x.clone()
     steer_add_(got, res, p, q, r, vid, V, U, torch.tensor(summary, dtype=torch.int32))
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
@@ -139,3 +139,23 @@ def test_the_cpu_in_place_add_equals_the_separate_add_and_skips_what_is_not_stee
         assert bool(got[4, 7].isnan()) and float(got[3].abs().max()) == torch.finfo(dtype).max
     else:
         assert torch.equal(got, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_one_row_step_adds_the_same_bits_as_the_separate_add(dtype):
+    """Every token adding from one bank row in one slot (one vector at many alphas, the common
+    sweep): the CPU op broadcasts the row instead of gathering it, with steer_add's bits,
+    saturation and NaN included."""
+    from steer_batch.kernels.steer import steer_add_
+
+    x, res, w, p, q, r, vid, V, U = inputs(40, 576, dtype, steered=0.0)
+    p[:40, 0] = torch.linspace(-4, 4, 40)
+    p[20, 0] = 0.5  # linspace's 0 would leave a token unsteered
+    p[3, 0] = -3e38
+    vid[:, 0] = 2
+    x[4, 7] = float("nan")
+    want = steer_add(x, res, p, q, r, vid, V, U)
+    got = x.clone()
+    steer_add_(got, res, p, q, r, vid, V, U, torch.tensor([1, 1, 1, 2], dtype=torch.int32))
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert bool(got[4, 7].isnan()) and float(got[3].abs().max()) == torch.finfo(dtype).max

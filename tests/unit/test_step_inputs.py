@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from steer_batch.kernels.step_inputs import HI, LO, P, Q, R, SUMMARY, VID, StepInputs
+from steer_batch.kernels.step_inputs import HI, LO, SUMMARY, VID, P, Q, R, StepInputs
 
 SLOTS = 3
 
@@ -39,7 +39,8 @@ def test_the_summary_says_what_the_steps_tokens_carry(plans, want):
     vid = torch.zeros(16, SLOTS, dtype=torch.int32)
     summary = torch.full((len(SUMMARY),), -2, dtype=torch.int32)
     inputs = StepInputs(p, q, r, vid, summary)
-    inputs.fill(np.zeros((4, 6, SLOTS)) + plan(p=[1.0, 1.0, 1.0]), np.array([4, 4, 4, 4]), np.zeros(4, int))  # a larger step first
+    every_slot = np.stack([plan(p=[1.0, 1.0, 1.0])] * 4)
+    inputs.fill(every_slot, np.array([4, 4, 4, 4]), np.zeros(4, int))  # a larger step first
     assert summary.tolist() == [3, 1, 1, -1]
     if plans is not None:
         plans = np.stack([np.zeros((6, SLOTS)) if x is None else x for x in plans])

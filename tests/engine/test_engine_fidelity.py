@@ -81,3 +81,22 @@ def test_mixed_batch_matches_oracle(engine):
     )
     mismatches = [(i, s, g, w) for i, (g, w, s) in enumerate(zip(got, want, STEER)) if g != w]
     assert not mismatches, f"{len(mismatches)} requests differ from the oracle, first: {mismatches[0]}"
+
+
+# Every request on vector a at its own nonzero alpha: every token of every step adds from one bank
+# row, the CPU op's path that broadcasts that row (kernels/steer.py steer_add_); the mixed batch
+# above never takes it (its unsteered requests leave tokens unsteered).
+ONE_VECTOR = [("a", a) for a in (1.0, -1.5, 2.5, -0.5, 0.75, -2.0, 3.0, -3.0)]
+
+
+def test_a_batch_on_one_vector_matches_oracle(engine):
+    llm, model_dir, vectors, (family, mode) = engine
+    if family != "llama" or mode not in ("eager", "compiled"):
+        pytest.skip("the CPU's separate add, eager and compiled, on one family")
+    prompts = make_prompts(len(ONE_VECTOR), seed=1, max_len=90)
+    got = generate(llm, prompts, N_TOKENS, ONE_VECTOR)
+    want = [oracle_greedy(model_dir, p, N_TOKENS, vectors["a"], alpha) for p, (_, alpha) in zip(prompts, ONE_VECTOR)]
+    plain = [oracle_greedy(model_dir, p, N_TOKENS) for p in prompts]
+    assert sum(w != u for w, u in zip(want, plain)) >= 4, "the vector must change some requests' tokens"
+    mismatches = [(i, s, g, w) for i, (g, w, s) in enumerate(zip(got, want, ONE_VECTOR)) if g != w]
+    assert not mismatches, f"{len(mismatches)} requests differ from the oracle, first: {mismatches[0]}"

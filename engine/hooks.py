@@ -94,6 +94,7 @@ class Handlers:
     fill_step: Callable  # engine/runner.py
     steered_requests: Callable  # engine/runner.py
     build_kv_zeroer: Callable  # engine/runner.py
+    steered_blocks: Callable  # engine/kv_blocks.py, the record a steering engine's scheduler keeps
     asks_steering: Callable  # engine/config.py
 
 
@@ -210,12 +211,37 @@ class _ZeroFreshBlocks:
 
 def _scheduler_init(original, on: Handlers):
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs):
-        if on.asks_steering(vllm_config.additional_config):
+        # Where vLLM zeroes every fresh block itself (Mamba, mixed precision), it stays so.
+        record = on.asks_steering(vllm_config.additional_config) and not kv_cache_config.needs_kv_cache_zeroing
+        if record:
             kv_cache_config = copy.copy(kv_cache_config)  # the scheduler's own; the workers keep theirs
             swap_class(kv_cache_config, _ZeroFreshBlocks)
         original(self, vllm_config, kv_cache_config, *args, **kwargs)
+        if record:
+            keep(self.kv_cache_manager, "steered_blocks", on.steered_blocks())
 
     return __init__
+
+
+def _allocate_slots(original, on: Handlers):
+    def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
+        blocks = original(self, request, num_new_tokens, *args, **kwargs)
+        record = keep(self, "steered_blocks")
+        if record is not None:
+            external = kwargs.get("num_external_computed_tokens", args[3] if len(args) > 3 else 0)
+            record.allocated(self, request, blocks, external)
+        return blocks
+
+    return allocate_slots
+
+
+def _get_new_block_ids_to_zero(original, on: Handlers):
+    def get_new_block_ids_to_zero(self):
+        fresh = original(self)
+        record = keep(self.kv_cache_manager, "steered_blocks")
+        return fresh if record is None else record.to_zero(fresh)
+
+    return get_new_block_ids_to_zero
 
 
 def _process_outputs(original, on: Handlers):
@@ -259,6 +285,16 @@ def extra_args(request) -> dict | None:
 def set_extra_args(request, args: dict) -> None:
     """Replace the extra_args of the request's own SamplingParams (vLLM cloned them per request)."""
     request.sampling_params.extra_args = args
+
+
+def block_ids(blocks) -> tuple[list[int], ...]:
+    """The block ids, per KV cache group, of a KVCacheBlocks (`get_block_ids()`)."""
+    return blocks.get_block_ids()
+
+
+def request_block_ids(manager, request) -> tuple[list[int], ...]:
+    """The block ids, per KV cache group, a request holds in a KVCacheManager (`get_block_ids`)."""
+    return manager.get_block_ids(request.request_id)
 
 
 def runner_model(runner):
@@ -386,6 +422,8 @@ ACCESSED = (
     ("vllm.v1.worker.gpu_model_runner:GPUModelRunner", "_init_kv_zero_meta"),
     ("vllm.v1.engine.core_client:MPClient", "shutdown"),
     ("vllm.v1.utils:CpuGpuBuffer", "copy_to_gpu"),
+    ("vllm.v1.core.kv_cache_manager:KVCacheManager", "get_block_ids"),
+    ("vllm.v1.core.kv_cache_manager:KVCacheBlocks", "get_block_ids"),
 )
 
 
@@ -470,8 +508,33 @@ PATCHES = (
         "steered states overflow writes NaN/inf into its KV blocks, and the attention kernels multiply the unused "
         "tail of a reused block by a zero probability (0 * NaN = NaN), so without zeroing another request that "
         "gets the block later reads them. vLLM turns zeroing on only for Mamba or mixed-precision caches, decided "
-        "by a KVCacheConfig property, with no setting",
+        "by a KVCacheConfig property, with no setting; the scheduler keeps the record of which blocks steered "
+        "requests held (engine/kv_blocks.py) on its KV cache manager",
         _scheduler_init,
+    ),
+    Patch(
+        "vllm.v1.core.kv_cache_manager:KVCacheManager",
+        "allocate_slots",
+        (
+            "self",
+            "request",
+            "num_new_tokens",
+            "num_new_computed_tokens",
+            "new_computed_blocks",
+            "num_lookahead_tokens",
+            "num_external_computed_tokens",
+        ),
+        "note the blocks each steered request gets (the scheduler's only way to give a running request KV "
+        "blocks): only those are zeroed when they are handed out fresh again, so unsteered traffic pays no zeroing",
+        _allocate_slots,
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler",
+        "_get_new_block_ids_to_zero",
+        ("self",),
+        "narrow each step's list of fresh blocks to zero to those a steered request held (vLLM lists every fresh "
+        "block once zeroing is on, and has no per-block choice)",
+        _get_new_block_ids_to_zero,
     ),
     Patch(
         "vllm.v1.engine.output_processor:OutputProcessor",

@@ -13,7 +13,7 @@ def register() -> None:
 
     from vllm import ModelRegistry
 
-    from steer_batch.engine import bank, config, frontend, hooks, runner
+    from steer_batch.engine import bank, config, frontend, hooks, kv_blocks, runner
 
     for arch, cls in frontend.SUPPORTED_ARCHITECTURES.items():
         # A lazy "module:Class" reference: the model module is imported where the model is built.
@@ -31,6 +31,7 @@ def register() -> None:
             fill_step=runner.fill_step,
             steered_requests=runner.steered_requests,
             build_kv_zeroer=runner.build_kv_zeroer,
+            steered_blocks=kv_blocks.SteeredBlocks,
             asks_steering=config.asks_steering,
         )
     )

@@ -688,14 +688,15 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot
         f"all layers steered  best of {rounds} rounds"
     )
     header = f"{'configuration':<28}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}"
-    click.echo(header + (f"{'per round vs stock: median [min, max]':>40}" if paired else ""))
+    click.echo(header + (f"{'per round vs stock: median (95% interval) [min, max]':>56}" if paired else ""))
     for name, value in results.items():
         if name not in (AB_STEERED, AB_STOCK):
             vs_stock = f"{value / stock_base:>10.3f}" if stock_base else ""
             median = ""
             if name in paired:
-                m, lo, hi = paired[name]
-                median = f"{f'{m:.3f} [{lo:.3f}, {hi:.3f}]':>40}"
+                p = paired[name]
+                median = f"{p['median']:.3f} ({p['low']:.3f}-{p['high']:.3f}) [{p['lowest']:.3f}, {p['highest']:.3f}]"
+                median = f"{median:>56}"
             click.echo(f"{name:<28}{value:>10.1f}{value / base:>14.3f}{vs_stock}{median}")
     if "256 alphas" in results and "1 alpha" in results:
         click.echo(f"256 alphas vs 1 alpha: {results['256 alphas'] / results['1 alpha']:.3f}")

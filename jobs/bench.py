@@ -45,6 +45,7 @@ from steer_batch.vectors.vector import SteeringVector
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
 AB_STEERED, AB_STOCK = "eval-ab, 64 alphas", "eval-ab, stock vLLM"  # scored tokens per second
+BOOTSTRAP = 10_000  # resamples of the rounds for the interval of a per-round median
 
 
 def spread(distinct: int) -> np.ndarray:
@@ -225,14 +226,25 @@ def bench(
     return results, tok_s
 
 
-def paired_ratios(rounds: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
-    """name -> (median, lowest, highest) over rounds of its tok/s divided by `base`'s in the same
-    round: a slow moment of the machine hits both sides of a round alike, so these spread less
-    than the best rounds' ratio can tell."""
+def paired_ratios(rounds: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """name -> {median, low, high, lowest, highest} over rounds of its tok/s divided by `base`'s
+    in the same round: a slow moment of the machine hits both sides of a round alike, so these
+    spread less than the best rounds' ratio can tell. [low, high] is a 95% interval of the median
+    (a seeded bootstrap over the rounds): how finely this run resolves the ratio, so a goal is met
+    where the interval lies above it, and undecided where the interval straddles it."""
+    rng = np.random.default_rng(0)
     ratios = {}
     for name, values in rounds.items():
-        per_round = [v / b for v, b in zip(values, rounds[base])]
-        ratios[name] = (float(np.median(per_round)), min(per_round), max(per_round))
+        per_round = np.array(values) / np.array(rounds[base])
+        medians = np.median(rng.choice(per_round, (BOOTSTRAP, len(per_round))), axis=1)
+        low, high = np.percentile(medians, [2.5, 97.5])
+        ratios[name] = {
+            "median": float(np.median(per_round)),
+            "low": float(low),
+            "high": float(high),
+            "lowest": float(per_round.min()),
+            "highest": float(per_round.max()),
+        }
     return ratios
 
 

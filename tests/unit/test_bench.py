@@ -27,6 +27,31 @@ def test_ratios_to_stock_are_taken_round_by_round():
 
     rounds = {"stock vLLM": [100.0, 50.0, 80.0, 90.0], "x": [99.0, 49.0, 90.0, 90.0]}
     ratios = paired_ratios(rounds, "stock vLLM")
-    assert ratios["stock vLLM"] == (1.0, 1.0, 1.0)
+    assert ratios["stock vLLM"] == {"median": 1.0, "low": 1.0, "high": 1.0, "lowest": 1.0, "highest": 1.0}
     # Round by round 0.99, 0.98, 1.125, 1.0: the median 0.995; best rounds alone would say 0.99 / 1.0 = 0.99.
-    assert ratios["x"] == pytest.approx((0.995, 0.98, 1.125))
+    x = ratios["x"]
+    assert (x["median"], x["lowest"], x["highest"]) == pytest.approx((0.995, 0.98, 1.125))
+    assert x["lowest"] <= x["low"] <= x["median"] <= x["high"] <= x["highest"]
+
+
+def test_the_interval_of_the_median_says_what_a_run_resolves():
+    """Rounds with a known ratio (0.99) and noise: the 95% interval holds it, narrows with more
+    rounds, and with the bench's noise on 2 cores (about 3% a round) 15 rounds resolve no better
+    than about 1%, where a steadier machine's 15 rounds resolve 0.1%."""
+    import numpy as np
+
+    from steer_batch.jobs.bench import paired_ratios
+
+    def interval(n, noise, seed):
+        rng = np.random.default_rng(seed)
+        stock = rng.uniform(500, 600, n)
+        r = paired_ratios({"stock vLLM": list(stock), "x": list(stock * 0.99 * (1 + noise * rng.standard_normal(n)))},
+                          "stock vLLM")["x"]  # fmt: skip
+        return r["low"], r["high"]
+
+    held = [low <= 0.99 <= high for low, high in (interval(15, 0.03, seed) for seed in range(40))]
+    assert sum(held) >= 34  # a 95% interval (bootstrap intervals of a median run a little narrow)
+    widths = {n: np.mean([np.subtract(*interval(n, 0.03, s)[::-1]) for s in range(20)]) for n in (8, 30, 120)}
+    assert widths[8] > widths[30] > widths[120]
+    noisy, steady = interval(15, 0.03, 1), interval(15, 0.002, 1)
+    assert noisy[1] - noisy[0] > 0.01 > 0.002 > steady[1] - steady[0] and steady[0] <= 0.99 <= steady[1]

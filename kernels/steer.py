@@ -78,12 +78,12 @@ def steer_add_(hidden, residual, p, q, r, vid, V, U, summary) -> None:
     n = hidden.shape[0]
     if not adds_only:
         p, q, r, vid = p[:n, :k], q[:n, :k], r[:n, :k], vid[:n, :k]
-        rows = ((p != 0) | (q != 0) | (r != 0)).any(1).nonzero().squeeze(1)
-        if rows.numel() == n:
+        if every:
             hidden.copy_(steer_add(hidden, residual, p, q, r, vid, V, U))
-        elif rows.numel():
-            steered = steer_add(hidden[rows], residual[rows], p[rows], q[rows], r[rows], vid[rows], V, U)
-            hidden.index_copy_(0, rows, steered)
+            return
+        rows = ((p != 0) | (q != 0) | (r != 0)).any(1).nonzero().squeeze(1)
+        steered = steer_add(hidden[rows], residual[rows], p[rows], q[rows], r[rows], vid[rows], V, U)
+        hidden.index_copy_(0, rows, steered)
         return
     limit = torch.finfo(hidden.dtype).max
     if every:

@@ -631,7 +631,10 @@ def eval_ab(data, model, vectors, alphas, rows, op, scope, out):
 )
 @click.option("--max-tokens", default=24, show_default=True, help="Generated tokens per request.")
 @click.option(
-    "--rounds", default=5, show_default=True, help="Rounds over all configurations; the best round of each counts."
+    "--rounds",
+    default=5,
+    show_default=True,
+    help="Rounds of each phase (unsteered traffic first, then steered); the best round of each configuration counts.",
 )
 @click.option(
     "--stock/--no-stock", default=True, show_default=True, help="Also time a stock engine (no steering installed)."
@@ -660,7 +663,7 @@ def eval_ab(data, model, vectors, alphas, rows, op, scope, out):
 def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slots, only, json_out, use_ray):
     """Steered vs unsteered tok/s on one engine, plus stock vLLM and HF + hooks (or, with --ray,
     the generation step in one engine vs Ray Data LLM replicas)."""
-    from steer_batch.jobs.bench import AB_STEERED, AB_STOCK, bench, bench_ray, paired_ratios
+    from steer_batch.jobs.bench import AB_STEERED, AB_STOCK, STOCK, bench, bench_ray, paired_ratios
 
     if use_ray:
         seconds = bench_ray(model, num_prompts, max_tokens, eager=eager)
@@ -680,12 +683,14 @@ def bench_command(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot
         raise click.BadParameter(f"{slots!r}: each slot count must be 1 to 64", param_hint="--slots")
     chosen = tuple(name.strip() for name in only.split(",")) if only else None
     results, rounds_tok_s = bench(model, num_prompts, max_tokens, rounds, stock, hf, eager, slot_counts, chosen)
-    base, stock_base = results["unsteered"], results.get("stock vLLM")
-    paired = paired_ratios(rounds_tok_s, "stock vLLM") if stock_base else {}
+    base, stock_base = results["unsteered"], results.get(STOCK)
+    paired = {}
+    for phase in rounds_tok_s.values() if stock_base else ():  # each phase's rounds against its own stock rounds
+        paired.update(paired_ratios(phase, STOCK))
     click.echo(
         f"model {model or 'default'}  prompts {num_prompts}  max_tokens {max_tokens}  "
         f"{'eager' if eager else 'compiled'}  "
-        f"all layers steered  best of {rounds} rounds"
+        f"all layers steered  best of {rounds} rounds a phase ({', '.join(rounds_tok_s)})"
     )
     header = f"{'configuration':<28}{'tok/s':>10}{'vs unsteered':>14}{'vs stock':>10}"
     click.echo(header + (f"{'per round vs stock: median (95% interval) [min, max]':>56}" if paired else ""))

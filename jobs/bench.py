@@ -8,7 +8,7 @@ prompts through a stock engine (no steering installed) and through HF generate +
 the reference users would otherwise pick. And eval-ab's scoring pass (eval/choices.py): the
 same A/B sequences scored steered at 64 alphas on the steering engine and by the stock engine,
 in scored (prefill) tokens per second. Prefix caching is off so every configuration does the
-same work.
+same work. Unsteered traffic is timed first, before any steered request (`phases`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +46,9 @@ from steer_batch.vectors.vector import SteeringVector
 
 DISTINCT_ALPHAS = (1, 3, 64, 256)
 AB_STEERED, AB_STOCK = "eval-ab, 64 alphas", "eval-ab, stock vLLM"  # scored tokens per second
+STOCK = "stock vLLM"
+AFTER_STEERED = "unsteered, after steered"  # the default engine's unsteered requests, among steered rounds
+UNSTEERED_PHASE, STEERED_PHASE = "unsteered traffic", "steered traffic"  # the bench's phases, in order
 BOOTSTRAP = 10_000  # resamples of the rounds for the interval of a per-round median
 
 
@@ -162,8 +166,8 @@ def bench(
     eager: bool = False,
     slots: tuple[int, ...] = (1, 2, 4),
     only: tuple[str, ...] | None = None,
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """(tok/s of each configuration, best round; every round's tok/s) on one steering engine
+) -> tuple[dict[str, float], dict[str, dict[str, list[float]]]]:
+    """(tok/s of each configuration, best round; each phase's tok/s round by round, `phases`) on one steering engine
     with the default `max_vectors_per_request` (see the module doc), unsteered requests and 256
     distinct alphas on one more steering engine per other entry of `slots`, a stock engine, HF
     generate + hooks. `only`: these generation configurations (and no eval-ab block). Progress
@@ -180,15 +184,15 @@ def bench(
         configs = {name: args for name, args in configs.items() if name in only or name == "unsteered"}
     others = [k for k in slots if k != DEFAULT_MAX_VECTORS_PER_REQUEST]
     engine_args = bench_engine_args(eager, engines=1 + len(others) + stock)
-    tok_s: dict[str, list[float]] = {}
+    rounds_tok_s: dict[str, dict[str, list[float]]] = {}
     engines = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, vector in vectors.items():
             vector.save(Path(tmp) / f"{name}.safetensors")
         try:
-            # Both engines stay up and the configurations interleave round by round, so a slow
-            # moment of the machine hits them alike; the best round of each counts (on 2 cores
-            # one 10 s measurement varies by about +-5%).
+            # The engines stay up and the configurations interleave round by round, so a slow
+            # moment of the machine hits them alike (on 2 cores one 10 s measurement varies by
+            # about +-5%); in two phases (`phases`).
             files = {n: Path(tmp) / f"{n}.safetensors" for n in vectors}
             engines["steer"] = make_llm(model_dir, files, **engine_args)
             dtype = hooks.engine_vllm_config(engines["steer"]).model_config.dtype  # the HF baseline runs in it too
@@ -201,29 +205,58 @@ def bench(
                         runs.append((f"{name}, {k} slot{'s' if k > 1 else ''}", engines[k], configs[name]))
             if stock:
                 engines["stock"] = make_llm(model_dir, **engine_args)
-            runs += [("stock vLLM", engines["stock"], configs["unsteered"])] if stock else []
+            runs += [(STOCK, engines["stock"], configs["unsteered"])] if stock else []
             timed = [(name, partial(vllm_tok_s, llm, prompts, args, max_tokens)) for name, llm, args in runs]
             if stock and only is None:  # eval-ab: the same A/B sequences scored, steered at 64 alphas and by stock
                 for name, llm, steered in ((AB_STEERED, engines["steer"], True), (AB_STOCK, engines["stock"], False)):
                     timed.append((name, partial(ab_tok_s, llm, _ab_pairs(model_dir, num_prompts, steered))))
             for _, llm, args in runs:  # warm-up
                 vllm_tok_s(llm, prompts[:8], args[:8], max_tokens)
-            for r in range(rounds):
-                # Rotate the order each round: whichever runs first after a pause tends to be slower.
-                for name, measure in timed[r % len(timed) :] + timed[: r % len(timed)]:
-                    tok_s.setdefault(name, []).append(measure())
-                    _log(f"round {r + 1}/{rounds} {name:>20}: {tok_s[name][-1]:8.1f} tok/s")
+            after = partial(vllm_tok_s, engines["steer"], prompts, configs["unsteered"], max_tokens)
+            for phase, phase_timed in phases(timed, after).items():
+                rounds_tok_s[phase] = interleave(phase_timed, rounds, phase)
         finally:
             for llm in engines.values():
                 close_llm(llm)
-    results = {name: max(values) for name, values in tok_s.items()}
+    results = {}
+    for phase_tok_s in rounds_tok_s.values():
+        for name, values in phase_tok_s.items():
+            results[name] = max(results.get(name, 0.0), *values)
     if hf:
         alphas = [float(spread(3)[i % 3]) for i in range(num_prompts)]
         device = "cpu" if on_cpu() else "cuda"
         results["HF + hooks"] = _hf_tok_s(
             model_dir, vectors["v"], prompts, alphas, max_tokens, num_prompts, device, dtype
         )
-    return results, tok_s
+    return results, rounds_tok_s
+
+
+def phases(timed: list[tuple[str, Callable]], after_steered: Callable) -> dict[str, list[tuple[str, Callable]]]:
+    """The bench's measurements in the order of its phases, each with stock vLLM's: unsteered
+    traffic first, on steering engines that have served nothing else, then the steered
+    configurations and, among them, unsteered requests again (AFTER_STEERED, `after_steered`).
+    A steering engine zeroes a fresh KV block a steered request held when it is handed out again
+    (engine/kv_blocks.py): a cost of steered traffic that, interleaved, falls on whichever pass
+    follows it, and that the second phase's unsteered requests show. No second phase without a
+    steered configuration."""
+    stock = [t for t in timed if t[0] == STOCK]
+    unsteered = [t for t in timed if t[0].startswith("unsteered")]
+    steered = [t for t in timed if t not in stock and t not in unsteered]
+    order = {UNSTEERED_PHASE: unsteered + stock}
+    if steered:
+        order[STEERED_PHASE] = steered + [(AFTER_STEERED, after_steered)] + stock
+    return order
+
+
+def interleave(timed: list[tuple[str, Callable]], rounds: int, phase: str) -> dict[str, list[float]]:
+    """name -> tok/s of each round: every measurement once a round, the order rotated each round
+    (whichever runs first after a pause tends to be slower)."""
+    tok_s: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for name, measure in timed[r % len(timed) :] + timed[: r % len(timed)]:
+            tok_s.setdefault(name, []).append(measure())
+            _log(f"{phase}, round {r + 1}/{rounds} {name:>24}: {tok_s[name][-1]:8.1f} tok/s")
+    return tok_s
 
 
 def paired_ratios(rounds: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:

@@ -55,3 +55,32 @@ def test_the_interval_of_the_median_says_what_a_run_resolves():
     assert widths[8] > widths[30] > widths[120]
     noisy, steady = interval(15, 0.03, 1), interval(15, 0.002, 1)
     assert noisy[1] - noisy[0] > 0.01 > 0.002 > steady[1] - steady[0] and steady[0] <= 0.99 <= steady[1]
+
+
+def test_unsteered_traffic_is_timed_before_any_steered_request_then_again_among_them():
+    """The phases: unsteered requests on each steering engine with stock vLLM first, so no zeroing
+    of blocks steered requests held (engine/kv_blocks.py) lands on them; then the steered
+    configurations with the default engine's unsteered requests among them, and stock again.
+    Every measurement runs once a round, the order rotated; no steered phase without steered
+    configurations."""
+    from steer_batch.jobs.bench import AFTER_STEERED, STEERED_PHASE, STOCK, UNSTEERED_PHASE, interleave, phases
+
+    calls = []
+
+    def measure(name):
+        return lambda: calls.append(name) or float(len(calls))
+
+    names = ["unsteered", "256 alphas", "unsteered, 1 slot", "256 alphas, 1 slot", STOCK, "eval-ab, 64 alphas"]
+    order = phases([(n, measure(n)) for n in names], measure(AFTER_STEERED))
+    assert list(order) == [UNSTEERED_PHASE, STEERED_PHASE]
+    assert [n for n, _ in order[UNSTEERED_PHASE]] == ["unsteered", "unsteered, 1 slot", STOCK]
+    assert [n for n, _ in order[STEERED_PHASE]] == [
+        "256 alphas", "256 alphas, 1 slot", "eval-ab, 64 alphas", AFTER_STEERED, STOCK
+    ]  # fmt: skip
+    tok_s = {phase: interleave(timed, 3, phase) for phase, timed in order.items()}
+    first_steered = calls.index("256 alphas")
+    assert set(calls[:first_steered]) == {"unsteered", "unsteered, 1 slot", STOCK} and len(calls) == 3 * 3 + 3 * 5
+    assert all(len(v) == 3 for phase in tok_s.values() for v in phase.values())
+    assert calls[3:6] == ["unsteered, 1 slot", STOCK, "unsteered"]  # round 2 starts one further on
+    only_unsteered = phases([(n, measure(n)) for n in ("unsteered", STOCK)], measure(AFTER_STEERED))
+    assert list(only_unsteered) == [UNSTEERED_PHASE]

@@ -212,8 +212,7 @@ def bench(
                     timed.append((name, partial(ab_tok_s, llm, _ab_pairs(model_dir, num_prompts, steered))))
             for _, llm, args in runs:  # warm-up
                 vllm_tok_s(llm, prompts[:8], args[:8], max_tokens)
-            after = partial(vllm_tok_s, engines["steer"], prompts, configs["unsteered"], max_tokens)
-            for phase, phase_timed in phases(timed, after).items():
+            for phase, phase_timed in phases(timed).items():
                 rounds_tok_s[phase] = interleave(phase_timed, rounds, phase)
         finally:
             for llm in engines.values():
@@ -231,10 +230,10 @@ def bench(
     return results, rounds_tok_s
 
 
-def phases(timed: list[tuple[str, Callable]], after_steered: Callable) -> dict[str, list[tuple[str, Callable]]]:
+def phases(timed: list[tuple[str, Callable]]) -> dict[str, list[tuple[str, Callable]]]:
     """The bench's measurements in the order of its phases, each with stock vLLM's: unsteered
     traffic first, on steering engines that have served nothing else, then the steered
-    configurations and, among them, unsteered requests again (AFTER_STEERED, `after_steered`).
+    configurations and, among them, the default engine's unsteered requests again (AFTER_STEERED).
     A steering engine zeroes a fresh KV block a steered request held when it is handed out again
     (engine/kv_blocks.py): a cost of steered traffic that, interleaved, falls on whichever pass
     follows it, and that the second phase's unsteered requests show. No second phase without a
@@ -244,7 +243,7 @@ def phases(timed: list[tuple[str, Callable]], after_steered: Callable) -> dict[s
     steered = [t for t in timed if t not in stock and t not in unsteered]
     order = {UNSTEERED_PHASE: unsteered + stock}
     if steered:
-        order[STEERED_PHASE] = steered + [(AFTER_STEERED, after_steered)] + stock
+        order[STEERED_PHASE] = steered + [(AFTER_STEERED, dict(unsteered)["unsteered"])] + stock
     return order
 
 

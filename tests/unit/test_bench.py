@@ -71,16 +71,17 @@ def test_unsteered_traffic_is_timed_before_any_steered_request_then_again_among_
         return lambda: calls.append(name) or float(len(calls))
 
     names = ["unsteered", "256 alphas", "unsteered, 1 slot", "256 alphas, 1 slot", STOCK, "eval-ab, 64 alphas"]
-    order = phases([(n, measure(n)) for n in names], measure(AFTER_STEERED))
+    order = phases([(n, measure(n)) for n in names])
     assert list(order) == [UNSTEERED_PHASE, STEERED_PHASE]
     assert [n for n, _ in order[UNSTEERED_PHASE]] == ["unsteered", "unsteered, 1 slot", STOCK]
     assert [n for n, _ in order[STEERED_PHASE]] == [
         "256 alphas", "256 alphas, 1 slot", "eval-ab, 64 alphas", AFTER_STEERED, STOCK
     ]  # fmt: skip
+    assert dict(order[STEERED_PHASE])[AFTER_STEERED] is dict(order[UNSTEERED_PHASE])["unsteered"]  # the same engine
     tok_s = {phase: interleave(timed, 3, phase) for phase, timed in order.items()}
     first_steered = calls.index("256 alphas")
     assert set(calls[:first_steered]) == {"unsteered", "unsteered, 1 slot", STOCK} and len(calls) == 3 * 3 + 3 * 5
     assert all(len(v) == 3 for phase in tok_s.values() for v in phase.values())
     assert calls[3:6] == ["unsteered, 1 slot", STOCK, "unsteered"]  # round 2 starts one further on
-    only_unsteered = phases([(n, measure(n)) for n in ("unsteered", STOCK)], measure(AFTER_STEERED))
+    only_unsteered = phases([(n, measure(n)) for n in ("unsteered", STOCK)])
     assert list(only_unsteered) == [UNSTEERED_PHASE]
